@@ -1,0 +1,83 @@
+"""`load_model` / `load`: a checkpoint folder or hub id -> an MLX model (and tokenizer)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional, Union
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .config import ModelArgs
+from .models import Model
+from .weights import check_weights, quantize_like, read_weights
+
+HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.tiktoken", "*.jinja", "*.md"]
+
+DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
+
+
+def resolve(path_or_repo: Union[str, Path]) -> Path:
+    """A local folder as is; anything else is a hub id, fetched (or found in the cache) by huggingface_hub."""
+    path = Path(path_or_repo).expanduser()
+    if path.exists():
+        return path
+    if str(path_or_repo).count("/") != 1 or str(path_or_repo).startswith((".", "/", "~")):
+        raise FileNotFoundError(f"{path_or_repo}: no such folder (and not a hub id of the form 'org/name')")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(str(path_or_repo), allow_patterns=HUB_PATTERNS))
+    except Exception as e:  # offline with an empty cache, unknown repo, no network
+        raise FileNotFoundError(
+            f"{path_or_repo}: not a local folder, and the hub could not provide it ({type(e).__name__}: {e}). "
+            "Pass a local folder, or download it first where the hub is reachable."
+        ) from None
+
+
+def _dtype(dtype) -> Optional[mx.Dtype]:
+    if dtype is None or isinstance(dtype, mx.Dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype={dtype!r}: expected one of {sorted(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def load_model(path_or_repo: Union[str, Path], dtype=None, lazy: bool = False) -> Model:
+    """Build the model that config.json describes and fill it with the checkpoint's weights.
+
+    dtype: None keeps the stored dtype (FP8 becomes bfloat16), or "float32" / "float16" / "bfloat16".
+    lazy: leave weights unevaluated (read from disk on first use).
+    """
+    folder = resolve(path_or_repo)
+    args = ModelArgs.from_file(folder)
+    dtype = _dtype(dtype)
+    weights = read_weights(folder, args, dtype)
+    model = Model(args)
+    if args.quantization is not None:
+        quantize_like(model, args.quantization, set(weights))
+    check_weights(model, weights, str(folder))
+    weights = _cpu_friendly(weights)
+    model.load_weights(list(weights.items()), strict=False)
+    model.eval()
+    if not lazy:
+        mx.eval(model.parameters())
+    return model
+
+
+def _cpu_friendly(weights: dict[str, mx.array]) -> dict[str, mx.array]:
+    """MLX's CPU gather_mm runs only in float32: there, keep unquantized routed experts in float32."""
+    if mx.default_device() != mx.cpu:
+        return weights
+    return {
+        k: v.astype(mx.float32) if ".switch_mlp." in k and v.dtype in (mx.float16, mx.bfloat16) else v
+        for k, v in weights.items()
+    }
+
+
+def load(path_or_repo: Union[str, Path], dtype=None, lazy: bool = False):
+    """(model, tokenizer) from a checkpoint folder or hub id."""
+    from .tokenizer import load_tokenizer
+
+    folder = resolve(path_or_repo)
+    return load_model(folder, dtype=dtype, lazy=lazy), load_tokenizer(folder)

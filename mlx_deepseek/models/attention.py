@@ -1,0 +1,108 @@
+"""Attention: multi-head / grouped-query attention (V1, distills) and multi-head latent attention (V2, V3)."""
+
+from typing import Any, Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.models.base import scaled_dot_product_attention
+from mlx_lm.models.mla import MultiLinear
+
+from ..config import ModelArgs
+from .rope import make_rope, yarn_softmax_scale
+
+
+class Attention(nn.Module):
+    """softmax(q k^T / sqrt(d)) v with RoPE on q and k; n_kv_heads < n_heads is GQA."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.n_heads = args.num_attention_heads
+        self.n_kv_heads = args.num_key_value_heads
+        self.head_dim = args.attention_head_dim
+        self.scale = yarn_softmax_scale(args, self.head_dim)
+        dim = args.hidden_size
+        self.q_proj = nn.Linear(dim, self.n_heads * self.head_dim, bias=args.qkv_bias)
+        self.k_proj = nn.Linear(dim, self.n_kv_heads * self.head_dim, bias=args.qkv_bias)
+        self.v_proj = nn.Linear(dim, self.n_kv_heads * self.head_dim, bias=args.qkv_bias)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, dim, bias=args.o_bias)
+        self.rope = make_rope(args, self.head_dim, traditional=False)
+
+    def __call__(self, x: mx.array, mask: Optional[mx.array], cache: Optional[Any] = None) -> mx.array:
+        B, L, _ = x.shape
+        q = self.q_proj(x).reshape(B, L, self.n_heads, -1).transpose(0, 2, 1, 3)
+        k = self.k_proj(x).reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
+        v = self.v_proj(x).reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
+        offset = cache.offset if cache is not None else 0
+        q, k = self.rope(q, offset=offset), self.rope(k, offset=offset)
+        if cache is not None:
+            k, v = cache.update_and_fetch(k, v)
+        out = scaled_dot_product_attention(q, k, v, cache=cache, scale=self.scale, mask=mask)
+        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
+
+
+class MultiHeadLatentAttention(nn.Module):
+    """MLA (DeepSeek-V2 §2.1): low-rank joint KV compression with decoupled RoPE.
+
+    c_KV = RMSNorm(W_DKV h), k_pe = RoPE(W_KR h)      (kv_a_proj_with_mqa, kv_a_layernorm)
+    c_Q  = RMSNorm(W_DQ h),  [q_nope; q_pe] = W_UQ c_Q (q_a_proj, q_a_layernorm, q_b_proj; or q_proj)
+    k_nope = W_UK c_KV (`embed_q`), v = W_UV c_KV (`unembed_out`)
+
+    The cache holds only c_KV and k_pe per token. Decoding absorbs W_UK into the query
+    (q_nope W_UK scores directly against c_KV) and applies W_UV after attention; prefill
+    expands k_nope and v from the latent. Both give the same scores q_nope.k_nope + q_pe.k_pe.
+    """
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.n_heads = args.num_attention_heads
+        self.q_lora_rank = args.q_lora_rank
+        self.kv_lora_rank = args.kv_lora_rank
+        self.qk_nope_head_dim = args.qk_nope_head_dim
+        self.qk_rope_head_dim = args.qk_rope_head_dim
+        self.q_head_dim = args.qk_nope_head_dim + args.qk_rope_head_dim
+        self.scale = yarn_softmax_scale(args, self.q_head_dim)
+        dim, bias = args.hidden_size, args.attention_bias
+
+        if self.q_lora_rank is None:
+            self.q_proj = nn.Linear(dim, self.n_heads * self.q_head_dim, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(dim, self.q_lora_rank, bias=bias)
+            self.q_a_layernorm = nn.RMSNorm(self.q_lora_rank, eps=1e-6)
+            self.q_b_proj = nn.Linear(self.q_lora_rank, self.n_heads * self.q_head_dim, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(dim, self.kv_lora_rank + self.qk_rope_head_dim, bias=bias)
+        self.kv_a_layernorm = nn.RMSNorm(self.kv_lora_rank, eps=1e-6)
+        self.embed_q = MultiLinear(self.qk_nope_head_dim, self.kv_lora_rank, self.n_heads)  # W_UK^T per head
+        self.unembed_out = MultiLinear(self.kv_lora_rank, args.v_head_dim, self.n_heads)  # W_UV per head
+        self.o_proj = nn.Linear(self.n_heads * args.v_head_dim, dim, bias=bias)
+        self.rope = make_rope(args, self.qk_rope_head_dim, traditional=True)
+
+    def __call__(self, x: mx.array, mask: Optional[mx.array], cache: Optional[Any] = None) -> mx.array:
+        B, L, _ = x.shape
+        q = self.q_proj(x) if self.q_lora_rank is None else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q = q.reshape(B, L, self.n_heads, self.q_head_dim).transpose(0, 2, 1, 3)
+        q_nope, q_pe = mx.split(q, [self.qk_nope_head_dim], axis=-1)
+
+        c_kv, k_pe = mx.split(self.kv_a_proj_with_mqa(x), [self.kv_lora_rank], axis=-1)
+        c_kv = mx.expand_dims(self.kv_a_layernorm(c_kv), 1)  # [B, 1, L, kv_lora_rank]
+        k_pe = k_pe.reshape(B, L, 1, self.qk_rope_head_dim).transpose(0, 2, 1, 3)
+
+        offset = cache.offset if cache is not None else 0
+        q_pe, k_pe = self.rope(q_pe, offset=offset), self.rope(k_pe, offset=offset)
+        if cache is not None:
+            c_kv, k_pe = cache.update_and_fetch(c_kv, k_pe)
+
+        # The decoupled-RoPE scores enter as an additive mask of the latent attention.
+        pe_scores = (q_pe * self.scale) @ k_pe.swapaxes(-1, -2)
+        if mask is not None:
+            pe_scores = mx.where(mask, pe_scores, mx.array(mx.finfo(pe_scores.dtype).min, pe_scores.dtype))
+
+        if L == 1:  # absorbed: attend in the latent space, then project out with W_UV
+            out = scaled_dot_product_attention(
+                self.embed_q(q_nope), c_kv, c_kv, cache=cache, scale=self.scale, mask=pe_scores
+            )
+            out = self.unembed_out(out)
+        else:  # expanded: per-head keys and values from the latent
+            k_nope = self.embed_q(c_kv, transpose=False)
+            v = self.unembed_out(c_kv)
+            out = scaled_dot_product_attention(q_nope, k_nope, v, cache=cache, scale=self.scale, mask=pe_scores)
+        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))

@@ -1,0 +1,85 @@
+"""One decoder for every family: blocks chosen by ModelArgs (MHA/GQA or MLA; dense MLP or DeepSeekMoE)."""
+
+from typing import Any, Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.models.base import create_attention_mask
+
+from ..config import ModelArgs
+from .attention import Attention, MultiHeadLatentAttention
+from .moe import MLP, DeepSeekMoE
+from .mtp import MultiTokenPrediction
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm block: h = x + Attn(RMSNorm(x)); out = h + FFN(RMSNorm(h))."""
+
+    def __init__(self, args: ModelArgs, layer: int):
+        super().__init__()
+        self.self_attn = MultiHeadLatentAttention(args) if args.uses_mla else Attention(args)
+        self.mlp = DeepSeekMoE(args) if args.is_moe_layer(layer) else MLP(args.hidden_size, args.intermediate_size)
+        self.input_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+        self.post_attention_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+
+    def __call__(self, x: mx.array, mask: Optional[mx.array], cache: Optional[Any] = None) -> mx.array:
+        h = x + self.self_attn(self.input_layernorm(x), mask, cache)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+def attention_mask(h: mx.array, cache: Optional[Any], mla: bool):
+    """Causal mask for L new tokens after the cached ones (an array for MLA, which adds RoPE scores to it)."""
+    return create_attention_mask(h, cache, return_array=mla)
+
+
+class DeepSeekModel(nn.Module):
+    """Token embedding, the decoder blocks and the final RMSNorm."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.layers = [DecoderLayer(args, i) for i in range(args.num_hidden_layers)]
+        self.norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+        self.mla = args.uses_mla
+
+    def __call__(self, inputs: mx.array, cache: Optional[list] = None) -> mx.array:
+        h = self.embed_tokens(inputs)
+        cache = cache or [None] * len(self.layers)
+        mask = attention_mask(h, cache[0], self.mla)
+        for layer, c in zip(self.layers, cache):
+            h = layer(h, mask, c)
+        return self.norm(h)
+
+
+class Model(nn.Module):
+    """The causal LM: `model(ids[B, L], cache)` -> logits [B, L, vocab]; `mtp` holds the MTP modules."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.model_type = args.model_type
+        self.model = DeepSeekModel(args)
+        if not args.tie_word_embeddings:
+            self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+        self.mtp = [
+            MultiTokenPrediction(args, DecoderLayer(args, args.num_hidden_layers + k))
+            for k in range(args.num_nextn_predict_layers)
+        ]
+
+    def __call__(self, inputs: mx.array, cache: Optional[list] = None) -> mx.array:
+        return self.logits(self.model(inputs, cache))
+
+    def logits(self, hidden: mx.array) -> mx.array:
+        """The output head (shared by the MTP modules)."""
+        if self.args.tie_word_embeddings:
+            return self.model.embed_tokens.as_linear(hidden)
+        return self.lm_head(hidden)
+
+    @property
+    def layers(self):
+        return self.model.layers
+
+    def make_cache(self) -> list:
+        from mlx_lm.models.cache import KVCache
+
+        return [KVCache() for _ in self.layers]
