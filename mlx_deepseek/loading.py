@@ -52,11 +52,12 @@ def load_model(path_or_repo: Union[str, Path], dtype=None, lazy: bool = False) -
     folder = resolve(path_or_repo)
     args = ModelArgs.from_file(folder)
     dtype = _dtype(dtype)
-    weights = read_weights(folder, args, dtype)
+    problems: list[str] = []
+    weights = read_weights(folder, args, dtype, problems)
     model = Model(args)
     if args.quantization is not None:
         quantize_like(model, args.quantization, set(weights))
-    check_weights(model, weights, str(folder))
+    check_weights(model, weights, str(folder), problems)
     weights = _cpu_friendly(weights)
     model.load_weights(list(weights.items()), strict=False)
     model.eval()

@@ -150,12 +150,14 @@ def hf_to_mlx(
     tensors: Iterable[tuple[str, mx.array]],
     args: ModelArgs,
     dtype: Optional[mx.Dtype] = None,
+    problems: Optional[list[str]] = None,
 ) -> Iterator[tuple[str, mx.array]]:
     """Stream hub-named tensors out as MLX-named ones; already-MLX names pass through unchanged.
 
     Per-expert tensors wait until all experts of their layer arrived (they may span shards), FP8
     weights until their `weight_scale_inv` did. `dtype` casts floating tensors (the router's correction
-    bias stays float32); None keeps stored float dtypes and dequantizes FP8 to bfloat16.
+    bias stays float32); None keeps stored float dtypes and dequantizes FP8 to bfloat16. Tensors left
+    incomplete at the end are described in `problems` (or raised as a CheckpointError if it is None).
     """
     table = key_map(args)
     experts: dict[tuple, dict[int, mx.array]] = {}
@@ -200,10 +202,15 @@ def hf_to_mlx(
             name, a = base + ".weight", dequantize_fp8(parts["weight"], parts["weight_scale_inv"], fp8_dtype)
         yield from emit(name, a)
 
-    leftovers = [f"{b}.weight_scale_inv (FP8 weight or scale without its partner)" for b in fp8]
-    leftovers += [f"{p}.experts.*.{proj}.{k}: {len(g)} of {args.n_routed_experts} experts" for (p, proj, k), g in experts.items()]
-    leftovers += [f"{p}.kv_b_proj: incomplete ({', '.join(sorted(g))})" for p, g in kv_b.items()]
-    if leftovers:
+    leftovers = [f"incomplete: {b}: FP8 {next(iter(g))} without its partner" for b, g in fp8.items()]
+    leftovers += [
+        f"incomplete: {p}.experts.*.{proj}.{k}: {len(g)} of {args.n_routed_experts} experts"
+        for (p, proj, k), g in experts.items()
+    ]
+    leftovers += [f"incomplete: {p}.kv_b_proj ({', '.join(sorted(g))} only)" for p, g in kv_b.items()]
+    if problems is not None:
+        problems.extend(leftovers)
+    elif leftovers:
         raise CheckpointError("incomplete tensors in checkpoint:\n  " + "\n  ".join(leftovers))
 
 
@@ -242,8 +249,8 @@ def quantize_like(model: nn.Module, quantization: dict, names: set[str]) -> None
     )
 
 
-def check_weights(model: nn.Module, weights: dict[str, mx.array], where: str) -> None:
-    """One error listing every missing, unexpected or mis-shaped tensor."""
+def check_weights(model: nn.Module, weights: dict[str, mx.array], where: str, problems: list[str] = ()) -> None:
+    """One error listing every missing, unexpected, mis-shaped (or, from `problems`, incomplete) tensor."""
     expected = dict(tree_flatten(model.parameters()))
     missing = sorted(set(expected) - set(weights))
     unexpected = sorted(set(weights) - set(expected))
@@ -252,21 +259,24 @@ def check_weights(model: nn.Module, weights: dict[str, mx.array], where: str) ->
         for k in set(expected) & set(weights)
         if tuple(expected[k].shape) != tuple(weights[k].shape)
     )
-    problems = [f"missing: {k} (expected {tuple(expected[k].shape)})" for k in missing]
+    problems = list(problems) + [f"missing: {k} (expected {tuple(expected[k].shape)})" for k in missing]
     problems += [f"unexpected: {k} {tuple(weights[k].shape)}" for k in unexpected]
     problems += [f"wrong shape: {w}" for w in wrong]
     if problems:
         shown = problems[:40] + ([f"... and {len(problems) - 40} more"] if len(problems) > 40 else [])
         raise CheckpointError(
             f"{where}: the weights do not fit the model that config.json describes "
-            f"({len(missing)} missing, {len(unexpected)} unexpected, {len(wrong)} mis-shaped):\n  "
+            f"({len(missing)} missing, {len(unexpected)} unexpected, {len(wrong)} mis-shaped, "
+            f"{len(problems) - len(missing) - len(unexpected) - len(wrong)} incomplete):\n  "
             + "\n  ".join(shown)
         )
 
 
-def read_weights(folder: Path, args: ModelArgs, dtype: Optional[mx.Dtype] = None) -> dict[str, mx.array]:
+def read_weights(
+    folder: Path, args: ModelArgs, dtype: Optional[mx.Dtype] = None, problems: Optional[list[str]] = None
+) -> dict[str, mx.array]:
     """All weights of a checkpoint folder in MLX names, lazily (nothing is read until evaluated)."""
     files = weight_files(folder)
     if (folder / MTP_FILE).exists():
         files.append(folder / MTP_FILE)
-    return dict(hf_to_mlx(iter_safetensors(files), args, dtype))
+    return dict(hf_to_mlx(iter_safetensors(files), args, dtype, problems))
