@@ -9,20 +9,25 @@ from mlx.utils import tree_flatten
 
 from .config import FAMILIES, ModelArgs
 from .models import Model
-from .weights import MTP_FILE, read_header, weight_files
+from .weights import MTP_FILE, CheckpointError, read_header, weight_files
 
 _BYTES = {"F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1}
 
 
 def parameter_counts(args: ModelArgs) -> dict[str, int]:
-    """Total, active-per-token and MTP parameter counts (unquantized sizes; nothing is allocated)."""
+    """Total, active-per-token and MTP parameter counts (unquantized sizes; nothing is allocated).
+
+    Active parameters are those a token's forward pass multiplies with: all but the idle routed experts
+    and the input embedding (a row lookup), as DeepSeek counts them (V2-Lite 2.4B, V3 37B).
+    """
     shapes = dict(tree_flatten(Model(_float(args)).parameters()))
     size = {k: v.size for k, v in shapes.items()}
     mtp = sum(v for k, v in size.items() if k.startswith("mtp."))
     total = sum(size.values()) - mtp
     routed = sum(v for k, v in size.items() if ".switch_mlp." in k and not k.startswith("mtp."))
     idle = routed * (1 - (args.num_experts_per_tok or 0) / (args.n_routed_experts or 1))
-    return {"total": total, "active": int(total - idle), "mtp": mtp}
+    embedding = 0 if args.tie_word_embeddings else size["model.embed_tokens.weight"]
+    return {"total": total, "active": int(total - idle - embedding), "mtp": mtp}
 
 
 def _float(args: ModelArgs) -> ModelArgs:
@@ -34,19 +39,23 @@ def _float(args: ModelArgs) -> ModelArgs:
 def describe(folder: Path) -> dict:
     """Family, parameter counts, storage, quantization and KV-cache cost of a model folder."""
     args = ModelArgs.from_file(folder)
-    files = weight_files(folder) + ([folder / MTP_FILE] if (folder / MTP_FILE).exists() else [])
+    try:
+        files = weight_files(folder) + ([folder / MTP_FILE] if (folder / MTP_FILE).exists() else [])
+    except CheckpointError:  # a config-only folder still has a family, a size and a KV cost
+        files = []
     dtypes: Counter = Counter()
     for f in files:
         for info in read_header(f).values():
             dtypes[info["dtype"]] += 1
-    float_dtypes = [d for d in dtypes if d in ("F32", "F16", "BF16")]
-    act_bytes = 2 if "F32" not in float_dtypes else 4
+    act_bytes = 4 if "F32" in dtypes or (not dtypes and args.torch_dtype == "float32") else 2
     counts = parameter_counts(args)
     if args.quantization:
         q = args.quantization
         quant = f"affine {q['bits']}-bit, group size {q['group_size']}"
     elif "F8_E4M3" in dtypes:
         quant = "FP8 e4m3, 128x128 block scales"
+    elif not files:
+        quant = "unknown (no weights in the folder)"
     else:
         quant = "none"
     return {

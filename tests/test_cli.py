@@ -1,0 +1,37 @@
+"""`mlx-deepseek info` and the command's error handling."""
+
+import json
+
+from conftest import FIXTURES
+
+from mlx_deepseek.cli import main
+from mlx_deepseek.info import describe
+
+
+def test_info_on_released_v3_and_v2_lite_configs():
+    v3 = describe(FIXTURES / "configs" / "deepseek-v3")
+    assert round(v3["parameters"] / 1e9) == 671 and round(v3["active_parameters"] / 1e9) == 37
+    assert v3["kv_cache_bytes_per_token"] == (512 + 64) * 61 * 2
+    lite = describe(FIXTURES / "configs" / "deepseek-v2-lite")
+    assert round(lite["parameters"] / 1e8) == 157 and round(lite["active_parameters"] / 1e8) == 25  # 15.7B / 2.4B
+    assert lite["kv_cache_bytes_per_token"] == (512 + 64) * 27 * 2
+    assert lite["mha_kv_cache_bytes_per_token"] == 16 * (128 + 64 + 128) * 27 * 2
+
+
+def test_info_command_json(capsys):
+    assert main(["info", str(FIXTURES / "deepseek_v3_fp8"), "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["model_type"] == "deepseek_v3" and d["attention"] == "MLA"
+    assert d["quantization"].startswith("FP8") and d["dtypes"]["F8_E4M3"] > 0
+    assert 0 < d["active_parameters"] < d["parameters"] and d["mtp_parameters"] > 0
+
+
+def test_info_command_text_and_errors(capsys, tmp_path):
+    assert main(["info", str(FIXTURES / "llama_gqa")]) == 0
+    out = capsys.readouterr().out
+    assert "GQA" in out and "KV cache" in out
+    assert main(["info", str(tmp_path / "nope")]) == 2
+    assert "no such folder" in capsys.readouterr().err
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    assert main(["info", str(tmp_path)]) == 2
+    assert "model_type='bert'" in capsys.readouterr().err
