@@ -50,6 +50,10 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("model", help="model folder or hub id")
     info.add_argument("--json", action="store_true", help="print one JSON object")
     info.set_defaults(func=cmd_info)
+
+    # `bench X`: each benchmark registers a sub-parser here (measured side by side with mlx-lm).
+    bench = sub.add_parser("bench", help="measure this project against mlx-lm on the same checkpoint")
+    bench.add_subparsers(dest="bench", required=True)
     return p
 
 

@@ -18,7 +18,7 @@ class DecoderLayer(nn.Module):
     def __init__(self, args: ModelArgs, layer: int):
         super().__init__()
         self.self_attn = MultiHeadLatentAttention(args) if args.uses_mla else Attention(args)
-        self.mlp = DeepSeekMoE(args) if args.is_moe_layer(layer) else MLP(args.hidden_size, args.intermediate_size)
+        self.mlp = DeepSeekMoE(args, layer) if args.is_moe_layer(layer) else MLP(args.hidden_size, args.intermediate_size)
         self.input_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
         self.post_attention_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
 
@@ -74,6 +74,19 @@ class Model(nn.Module):
         if self.args.tie_word_embeddings:
             return self.model.embed_tokens.as_linear(hidden)
         return self.lm_head(hidden)
+
+    def mtp_logits(self, hidden: mx.array, next_tokens: mx.array, k: int = 0, cache=None) -> mx.array:
+        """MTP module k on the main model's (final-normed) hidden states h_i and the tokens t_{i+1}:
+        logits for t_{i+2} (k = 0). hidden [B, L, D] and next_tokens [B, L] are aligned position by position."""
+        module = self.mtp[k]
+        mask = attention_mask(hidden, cache, self.args.uses_mla)
+        return self.logits(module(hidden, self.model.embed_tokens(next_tokens), mask, cache))
+
+    def set_routing_trace(self, trace) -> None:
+        """Attach a RoutingTrace to every MoE layer (main model and MTP), or detach with None."""
+        for _, m in self.named_modules():
+            if isinstance(m, DeepSeekMoE):
+                m.trace = trace
 
     @property
     def layers(self):

@@ -83,6 +83,23 @@ class Router(nn.Module):
         )
 
 
+class RoutingTrace:
+    """Collects each MoE layer's routing (expert indices and gate weights, lazy arrays) while attached.
+
+    `Model.set_routing_trace(trace)` attaches one; every forward pass then appends
+    (layer, inds [B, L, k], weights [B, L, k]) per MoE layer. Detached (None), it costs nothing.
+    """
+
+    def __init__(self):
+        self.records: list[tuple[int, mx.array, mx.array]] = []
+
+    def record(self, layer: int, inds: mx.array, weights: mx.array) -> None:
+        self.records.append((layer, inds, weights))
+
+    def clear(self) -> None:
+        self.records.clear()
+
+
 class DeepSeekMoE(nn.Module):
     """h + sum_i FFN_i^(s)(u) + sum_i g_i FFN_i^(r)(u) (DeepSeekMoE §3): shared plus routed experts.
 
@@ -90,8 +107,10 @@ class DeepSeekMoE(nn.Module):
     indices, so there is no Python loop over experts.
     """
 
-    def __init__(self, args: ModelArgs):
+    def __init__(self, args: ModelArgs, layer: int):
         super().__init__()
+        self.layer = layer
+        self.trace = None  # a RoutingTrace while one is attached
         self.gate = Router(args)
         self.switch_mlp = SwitchGLU(args.hidden_size, args.moe_intermediate_size, args.n_routed_experts)
         if args.n_shared_experts:
@@ -99,6 +118,8 @@ class DeepSeekMoE(nn.Module):
 
     def __call__(self, x: mx.array) -> mx.array:
         inds, weights = self.gate(x)
+        if self.trace is not None:
+            self.trace.record(self.layer, inds, weights)
         y = self.switch_mlp(x, inds)
         y = (y * weights[..., None].astype(y.dtype)).sum(axis=-2)
         if "shared_experts" in self:
