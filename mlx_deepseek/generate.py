@@ -1,0 +1,428 @@
+"""Generation: sampling, streaming with the reasoning split, prompt-cache reuse, MTP self-speculative
+decoding, batched generation (G samples of a prompt share its prefill) and expert-activation traces."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Iterator, Optional, Sequence, Union
+
+import mlx.core as mx
+import numpy as np
+from mlx_lm.models.cache import BatchKVCache, KVCache, QuantizedKVCache
+from mlx_lm.sample_utils import make_logits_processors, make_sampler
+
+from .chat import THINK, ReasoningParser
+from .models import Model
+from .models.moe import RoutingTrace
+
+
+@dataclass
+class Sampling:
+    """Sampling settings (mlx-lm's samplers underneath). temperature 0 is greedy."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    repetition_penalty: Optional[float] = None
+    seed: Optional[int] = None
+
+    def sampler(self):
+        return make_sampler(self.temperature, top_p=self.top_p if self.top_p < 1.0 else 0.0, min_p=self.min_p, top_k=self.top_k)
+
+    def processors(self):
+        return make_logits_processors(repetition_penalty=self.repetition_penalty)
+
+
+# ---- expert traces -------------------------------------------------------------------------------
+@dataclass
+class ExpertTrace:
+    """Per generated token and MoE layer: the chosen experts and their gate weights; per-layer load counts."""
+
+    layers: list[int]  # the MoE layer indices, in order
+    n_experts: int
+    experts: list[np.ndarray] = field(default_factory=list)  # per token: [n_moe_layers, top_k] int
+    weights: list[np.ndarray] = field(default_factory=list)  # per token: [n_moe_layers, top_k] float
+
+    @property
+    def load(self) -> np.ndarray:
+        """[n_moe_layers, n_experts]: how often each expert was chosen over the generated tokens."""
+        counts = np.zeros((len(self.layers), self.n_experts), dtype=np.int64)
+        for e in self.experts:
+            for i, row in enumerate(e):
+                np.add.at(counts[i], row, 1)
+        return counts
+
+    def to_dict(self) -> dict:
+        load = self.load
+        mean = load.mean(axis=1, keepdims=True)
+        return {
+            "layers": self.layers,
+            "experts": [e.tolist() for e in self.experts],
+            "weights": [np.round(w, 5).tolist() for w in self.weights],
+            "load": load.tolist(),
+            "max_over_mean_load": np.where(mean[:, 0] > 0, load.max(axis=1) / np.maximum(mean[:, 0], 1e-9), 0).round(3).tolist(),
+        }
+
+
+class _TraceTaker:
+    """Turns the RoutingTrace of each forward pass into per-token entries of an ExpertTrace."""
+
+    def __init__(self, model: Model):
+        self.main_layers = model.args.num_hidden_layers
+        self.routing = RoutingTrace()
+        layers = [i for i in range(model.args.num_hidden_layers) if model.args.is_moe_layer(i)]
+        self.trace = ExpertTrace(layers, model.args.n_routed_experts or 0)
+        model.set_routing_trace(self.routing)
+
+    def take(self, positions: Sequence[int], row: int = 0) -> None:
+        """Consume the oldest forward pass's routing (one record per main-model MoE layer) for these positions."""
+        n = len(self.trace.layers)
+        main = [r for r in self.routing.records if r[0] < self.main_layers]
+        records, self.routing.records = main[:n], main[n:]
+        if not records:
+            return
+        inds = np.stack([np.array(i[row]) for _, i, _ in records])  # [layers, L, k]
+        weights = np.stack([np.array(w[row].astype(mx.float32)) for _, _, w in records])
+        for p in positions:
+            self.trace.experts.append(inds[:, p])
+            self.trace.weights.append(weights[:, p])
+
+
+# ---- caches ----------------------------------------------------------------------------------------
+def make_cache(model: Model, kv_bits: Optional[int] = None, kv_group_size: int = 64) -> list:
+    """One cache per layer; with kv_bits the cached K/V (for MLA: latent and k_pe) are stored quantized."""
+    if kv_bits is None:
+        return [KVCache() for _ in model.layers]
+    return [QuantizedKVCache(group_size=kv_group_size, bits=kv_bits) for _ in model.layers]
+
+
+def make_mtp_cache(model: Model) -> list:
+    return [KVCache() for _ in model.mtp]
+
+
+class PromptCache:
+    """A model cache plus the tokens it holds, reused across turns of one conversation.
+
+    A new prompt that starts with (part of) the cached tokens only prefills the rest.
+    """
+
+    def __init__(self, model: Model, kv_bits: Optional[int] = None, kv_group_size: int = 64):
+        self.model, self.kv_bits, self.kv_group_size = model, kv_bits, kv_group_size
+        self.cache = make_cache(model, kv_bits, kv_group_size)
+        self.tokens: list[int] = []
+
+    def reuse(self, prompt: list[int]) -> list[int]:
+        """Trim the cache to the longest common prefix (leaving at least one token) and return what to prefill."""
+        common = 0
+        for a, b in zip(self.tokens, prompt[:-1]):
+            if a != b:
+                break
+            common += 1
+        drop = len(self.tokens) - common
+        if drop and not all(c.is_trimmable() for c in self.cache):
+            self.cache, common, drop = make_cache(self.model, self.kv_bits, self.kv_group_size), 0, 0
+        for c in self.cache:
+            if drop:
+                c.trim(drop)
+        self.tokens = self.tokens[:common]
+        return prompt[common:]
+
+
+# ---- results ---------------------------------------------------------------------------------------
+@dataclass
+class GenerationResult:
+    text: str = ""
+    reasoning: str = ""
+    answer: str = ""
+    tokens: list[int] = field(default_factory=list)
+    finish_reason: Optional[str] = None  # "stop" (EOS or a stop string) or "length"
+    prompt_tokens: int = 0
+    prompt_tps: float = 0.0
+    generation_tps: float = 0.0
+    peak_memory_gb: float = 0.0
+    mtp_acceptance: Optional[float] = None
+    mtp_drafted: int = 0
+    mtp_accepted: int = 0
+    expert_trace: Optional[ExpertTrace] = None
+
+    @property
+    def generation_tokens(self) -> int:
+        return len(self.tokens)
+
+    def to_dict(self) -> dict:
+        out = {k: getattr(self, k) for k in (
+            "text", "reasoning", "answer", "finish_reason", "prompt_tokens", "generation_tokens", "prompt_tps",
+            "generation_tps", "peak_memory_gb", "mtp_acceptance", "mtp_drafted", "mtp_accepted",
+        )}
+        out["tokens"] = self.tokens
+        out["expert_trace"] = self.expert_trace.to_dict() if self.expert_trace else None
+        return out
+
+
+@dataclass
+class Chunk:
+    """One step of a stream: the new text split into reasoning and answer; `result` on the last chunk."""
+
+    text: str
+    reasoning: str
+    answer: str
+    tokens: list[int]
+    result: Optional[GenerationResult] = None
+
+
+# ---- the token loop ----------------------------------------------------------------------------------
+def _sample(logits: mx.array, history: mx.array, sampler, processors) -> mx.array:
+    for p in processors:
+        logits = p(history, logits)
+    return sampler(logits - mx.logsumexp(logits, axis=-1, keepdims=True))
+
+
+def _plain_tokens(model, prompt, cache, sampler, processors, taker) -> Iterator[list[int]]:
+    """Yields one token at a time; the next forward pass is queued before the current token is used."""
+    history = mx.array(prompt)
+    logits = model(mx.array(prompt)[None], cache)[:, -1, :]
+    y = _sample(logits, history[None], sampler, processors)
+    mx.async_eval(y)
+    position = len(prompt) - 1
+    while True:
+        history = mx.concatenate([history, y])
+        next_y = _sample(model(y[None], cache)[:, -1, :], history[None], sampler, processors)
+        mx.async_eval(next_y)
+        if taker:
+            taker.take([position])
+            position = 0
+        yield [y.item()]
+        y = next_y
+
+
+def _mtp_tokens(model, prompt, cache, sampler, processors, taker, stats) -> Iterator[list[int]]:
+    """MTP self-speculative decoding (batch 1): the MTP module drafts t_{n+1} from (h_{n-1}, t_n); the main
+    model verifies [t_n, draft] in one pass. The target token is always sampled from the main model's
+    distribution and the draft kept only if it equals it, so outputs are exactly those of plain decoding
+    (greedy: token-identical; sampled: the same distribution). The draft is the MTP module's argmax.
+    """
+    mtp_cache = make_mtp_cache(model)
+    hidden = model.model(mx.array(prompt)[None], cache)  # [1, L, D], final-normed
+    history = mx.array(prompt)
+    y = _sample(model.logits(hidden[:, -1:, :])[:, -1, :], history[None], sampler, processors)
+    if taker:
+        taker.take([len(prompt) - 1])
+    # MTP inputs pending: pairs (h_j, t_{j+1}); the prompt's own pairs fill the MTP cache first.
+    pend_h, pend_t = hidden, mx.concatenate([history[1:], y])
+    while True:
+        yield [y.item()]
+        history = mx.concatenate([history, y])
+        draft = mx.argmax(model.mtp_logits(pend_h, pend_t[None], 0, mtp_cache[0])[:, -1, :], axis=-1)
+        out = model.model(mx.concatenate([y, draft])[None], cache)  # positions n, n+1
+        logits = model.logits(out)
+        target = _sample(logits[:, 0, :], history[None], sampler, processors)
+        stats["drafted"] += 1
+        if target.item() == draft.item():
+            stats["accepted"] += 1
+            nxt = _sample(logits[:, 1, :], mx.concatenate([history, target])[None], sampler, processors)
+            if taker:
+                taker.take([0, 1])
+            yield [target.item()]
+            history = mx.concatenate([history, target])
+            pend_h, pend_t, y = out, mx.concatenate([target, nxt]), nxt
+        else:
+            for c in cache:
+                c.trim(1)
+            if taker:
+                taker.take([0])
+            pend_h, pend_t, y = out[:, :1, :], target, target
+
+
+def stream_generate(
+    model: Model,
+    tokenizer,
+    prompt: Union[str, list[int]],
+    max_tokens: int = 256,
+    sampling: Optional[Sampling] = None,
+    stop: Sequence[str] = (),
+    prompt_cache: Optional[PromptCache] = None,
+    mtp: bool = False,
+    trace: bool = False,
+    kv_bits: Optional[int] = None,
+    kv_group_size: int = 64,
+) -> Iterator[Chunk]:
+    """Generate from a prompt (text with the chat template applied, or token ids), chunk by chunk.
+
+    The final chunk carries the GenerationResult (full text, reasoning, answer, speed, memory, MTP
+    acceptance, expert trace when `trace`). Stops at an EOS token, a stop string (cut off) or max_tokens.
+    """
+    sampling = sampling or Sampling()
+    if sampling.seed is not None:
+        mx.random.seed(sampling.seed)
+    text_prompt = prompt if isinstance(prompt, str) else tokenizer.decode(prompt)
+    ids = tokenizer.encode(prompt, add_special_tokens=False) if isinstance(prompt, str) else list(prompt)
+    if not ids:
+        raise ValueError("the prompt is empty")
+    if mtp and not model.mtp:
+        raise ValueError("MTP decoding needs a model with an MTP module (num_nextn_predict_layers > 0)")
+    if prompt_cache is None:
+        prompt_cache = PromptCache(model, kv_bits, kv_group_size)
+    todo = prompt_cache.reuse(ids)
+
+    sampler, processors = sampling.sampler(), sampling.processors()
+    taker = _TraceTaker(model) if trace else None
+    stats = {"drafted": 0, "accepted": 0}
+    eos = set(getattr(tokenizer, "eos_token_ids", None) or [tokenizer.eos_token_id])
+    parser = ReasoningParser(prompt_ends_in_think=text_prompt.rstrip().endswith(THINK))
+    detok = tokenizer.detokenizer
+    detok.reset()
+    result = GenerationResult(prompt_tokens=len(ids))
+
+    mx.reset_peak_memory()
+    tic = time.perf_counter()
+    loop = _mtp_tokens if mtp else _plain_tokens
+    steps = loop(model, todo, prompt_cache.cache, sampler, processors, taker, *([stats] if mtp else []))
+    text, cut = "", False
+    try:
+        for new in steps:
+            if not result.tokens and result.prompt_tps == 0.0:
+                result.prompt_tps = len(todo) / (time.perf_counter() - tic)
+                tic = time.perf_counter()
+            emitted = []
+            for tok in new:
+                if tok in eos:
+                    result.finish_reason = "stop"
+                    break
+                result.tokens.append(tok)
+                emitted.append(tok)
+                detok.add_token(tok)
+                if len(result.tokens) >= max_tokens:
+                    result.finish_reason = "length"
+                    break
+            segment = detok.last_segment
+            text += segment
+            hit = next((s for s in stop if s and s in text), None)
+            if hit:
+                keep = text.index(hit)
+                segment = segment[: max(0, len(segment) - (len(text) - keep))]
+                text, result.finish_reason, cut = text[:keep], "stop", True
+            delta = parser.feed(segment)
+            if result.finish_reason:
+                break
+            yield Chunk(segment, delta.reasoning, delta.answer, emitted)
+    finally:
+        steps.close()
+        model.set_routing_trace(None)
+        prompt_cache.tokens = ids + result.tokens
+        _sync_cache_length(prompt_cache)
+    if not cut:
+        detok.finalize()
+        tail = detok.last_segment
+        text += tail
+        last = parser.feed(tail)
+    else:
+        tail, last = "", parser.feed("")
+    rest = parser.finish()
+    result.generation_tps = len(result.tokens) / max(time.perf_counter() - tic, 1e-9)
+    result.peak_memory_gb = mx.get_peak_memory() / 1e9
+    result.text, result.reasoning, result.answer = text, parser.reasoning, parser.answer
+    if mtp:
+        result.mtp_drafted, result.mtp_accepted = stats["drafted"], stats["accepted"]
+        result.mtp_acceptance = stats["accepted"] / max(stats["drafted"], 1)
+    result.expert_trace = taker.trace if taker else None
+    yield Chunk(tail, last.reasoning + rest.reasoning, last.answer + rest.answer, [], result)
+
+
+def _sync_cache_length(pc: PromptCache) -> None:
+    """The token loop runs one step ahead: trim the cache to exactly the tokens it has seen."""
+    extra = pc.cache[0].offset - len(pc.tokens)
+    if extra > 0:
+        for c in pc.cache:
+            c.trim(extra)
+    elif extra < 0:  # the last generated token was never fed back
+        pc.tokens = pc.tokens[: pc.cache[0].offset]
+
+
+def generate(model: Model, tokenizer, prompt, **kwargs) -> GenerationResult:
+    """stream_generate, collected."""
+    for chunk in stream_generate(model, tokenizer, prompt, **kwargs):
+        if chunk.result is not None:
+            return chunk.result
+    raise RuntimeError("generation ended without a result")
+
+
+def batch_generate(
+    model: Model,
+    tokenizer,
+    prompts: Sequence[Union[str, list[int]]],
+    n: int = 1,
+    max_tokens: int = 256,
+    sampling: Optional[Sampling] = None,
+    stop: Sequence[str] = (),
+) -> list[GenerationResult]:
+    """Decode P prompts x n samples together (rows of one batch; the n samples of a prompt share its
+    prefill). Returns P * n results, prompt by prompt. Used by GRPO rollouts and the benchmarks."""
+    sampling = sampling or Sampling()
+    if sampling.seed is not None:
+        mx.random.seed(sampling.seed)
+    texts = [p if isinstance(p, str) else tokenizer.decode(p) for p in prompts]
+    ids = [tokenizer.encode(p, add_special_tokens=False) if isinstance(p, str) else list(p) for p in prompts]
+    longest = max(len(i) for i in ids)
+    padding = [longest - len(i) for i in ids]
+    cache = [BatchKVCache(padding) for _ in model.layers]
+    sampler, processors = sampling.sampler(), sampling.processors()
+    eos = set(getattr(tokenizer, "eos_token_ids", None) or [tokenizer.eos_token_id])
+
+    mx.reset_peak_memory()
+    tic = time.perf_counter()
+    padded = mx.array([[0] * pad + i for pad, i in zip(padding, ids)])
+    logits = model(padded, cache)[:, -1, :]
+    rows = mx.array([p for p in range(len(ids)) for _ in range(n)])
+    if n > 1:
+        for c in cache:
+            c.filter(rows)
+        logits = logits[rows]
+    y = _sample(logits, mx.zeros((len(rows), 0), mx.int32), sampler, processors)
+    mx.eval(y)
+    prompt_time = time.perf_counter() - tic
+    tic = time.perf_counter()
+
+    rows_list = rows.tolist()
+    tokens: list[list[int]] = [[] for _ in rows_list]
+    done = [None] * len(rows_list)
+    history = y[:, None]
+    for _ in range(max_tokens):
+        step = y.tolist()
+        for r, tok in enumerate(step):
+            if done[r]:
+                continue
+            if tok in eos:
+                done[r] = "stop"
+                continue
+            tokens[r].append(tok)
+            if stop and any(s in tokenizer.decode(tokens[r][-32:]) for s in stop):
+                done[r] = "stop"
+            elif len(tokens[r]) >= max_tokens:
+                done[r] = "length"
+        if all(done):
+            break
+        logits = model(y[:, None], cache)[:, -1, :]
+        y = _sample(logits, history, sampler, processors)
+        history = mx.concatenate([history, y[:, None]], axis=1)
+        mx.async_eval(y)
+    elapsed = time.perf_counter() - tic
+
+    total = sum(len(t) for t in tokens)
+    results = []
+    for r, p in enumerate(rows_list):
+        text = tokenizer.decode(tokens[r])
+        reason = done[r] or "length"
+        if reason == "stop" and stop:
+            hit = min((text.index(s) for s in stop if s in text), default=len(text))
+            text = text[:hit]
+        parser = ReasoningParser(prompt_ends_in_think=texts[p].rstrip().endswith(THINK))
+        parser.feed(text)
+        parser.finish()
+        results.append(GenerationResult(
+            text=text, reasoning=parser.reasoning, answer=parser.answer, tokens=tokens[r], finish_reason=reason,
+            prompt_tokens=len(ids[p]), prompt_tps=sum(len(i) for i in ids) / prompt_time,
+            generation_tps=total / max(elapsed, 1e-9), peak_memory_gb=mx.get_peak_memory() / 1e9,
+        ))
+    return results
