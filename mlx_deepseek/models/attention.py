@@ -90,6 +90,9 @@ class MultiHeadLatentAttention(nn.Module):
         q_pe, k_pe = self.rope(q_pe, offset=offset), self.rope(k_pe, offset=offset)
         if cache is not None:
             c_kv, k_pe = cache.update_and_fetch(c_kv, k_pe)
+            if isinstance(c_kv, tuple):  # a quantized cache stores the latent and k_pe quantized
+                c_kv = mx.dequantize(*c_kv, group_size=cache.group_size, bits=cache.bits).astype(x.dtype)
+                k_pe = mx.dequantize(*k_pe, group_size=cache.group_size, bits=cache.bits).astype(x.dtype)
 
         # The decoupled-RoPE scores enter as an additive mask of the latent attention.
         pe_scores = (q_pe * self.scale) @ k_pe.swapaxes(-1, -2)
@@ -97,12 +100,10 @@ class MultiHeadLatentAttention(nn.Module):
             pe_scores = mx.where(mask, pe_scores, mx.array(mx.finfo(pe_scores.dtype).min, pe_scores.dtype))
 
         if L == 1:  # absorbed: attend in the latent space, then project out with W_UV
-            out = scaled_dot_product_attention(
-                self.embed_q(q_nope), c_kv, c_kv, cache=cache, scale=self.scale, mask=pe_scores
-            )
+            out = mx.fast.scaled_dot_product_attention(self.embed_q(q_nope), c_kv, c_kv, scale=self.scale, mask=pe_scores)
             out = self.unembed_out(out)
         else:  # expanded: per-head keys and values from the latent
             k_nope = self.embed_q(c_kv, transpose=False)
             v = self.unembed_out(c_kv)
-            out = scaled_dot_product_attention(q_nope, k_nope, v, cache=cache, scale=self.scale, mask=pe_scores)
+            out = mx.fast.scaled_dot_product_attention(q_nope, k_nope, v, scale=self.scale, mask=pe_scores)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
