@@ -77,7 +77,9 @@ class ReasoningParser:
     """
 
     def __init__(self, prompt_ends_in_think: bool = False):
-        self.state = "reasoning" if prompt_ends_in_think else "start"
+        # "start": may open with <think>, else it is all answer; "prefilled": the template opened <think>
+        # (a repeated opening tag is dropped)
+        self.state = "prefilled" if prompt_ends_in_think else "start"
         self.buffer = ""
         self.reasoning = ""
         self.answer = ""
@@ -86,7 +88,7 @@ class ReasoningParser:
         self.buffer += text
         delta = Delta()
         while True:
-            if self.state == "start":
+            if self.state in ("start", "prefilled"):
                 stripped = self.buffer.lstrip()
                 if stripped.startswith(THINK):
                     self.buffer = stripped[len(THINK):]
@@ -94,10 +96,8 @@ class ReasoningParser:
                 elif THINK.startswith(stripped):  # could still become <think>
                     return delta
                 else:
-                    self.state = "answer"
+                    self.state = "reasoning" if self.state == "prefilled" else "answer"
             elif self.state == "reasoning":
-                if self.buffer.lstrip().startswith(THINK) and not self.reasoning:  # a repeated opening tag
-                    self.buffer = self.buffer.lstrip()[len(THINK):]
                 if END_THINK in self.buffer:
                     before, self.buffer = self.buffer.split(END_THINK, 1)
                     self._add(delta, reasoning=before)
@@ -121,7 +121,7 @@ class ReasoningParser:
     def finish(self) -> Delta:
         """Flush what was held back (an unfinished tag is text after all)."""
         delta = Delta()
-        if self.state == "reasoning":
+        if self.state in ("reasoning", "prefilled"):
             self._add(delta, reasoning=self.buffer)
         elif self.state in ("start", "answer"):
             self._add(delta, answer=self.buffer)

@@ -43,6 +43,65 @@ def cmd_info(a: argparse.Namespace) -> int:
     return 0
 
 
+def _sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--temp", type=float, default=0.0, help="temperature (0: greedy)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--min-p", type=float, default=0.0)
+    p.add_argument("--repetition-penalty", type=float, default=None)
+    p.add_argument("--seed", type=int, default=None)
+
+
+def _sampling(a: argparse.Namespace):
+    from .generate import Sampling
+
+    return Sampling(a.temp, a.top_p, a.top_k, a.min_p, a.repetition_penalty, a.seed)
+
+
+def cmd_generate(a: argparse.Namespace) -> int:
+    from . import load
+    from .chat import apply_chat_template
+    from .generate import stream_generate
+
+    model, tokenizer = load(a.model, dtype=a.dtype)
+    if a.raw:
+        prompt = a.prompt
+    else:
+        messages = ([{"role": "system", "content": a.system}] if a.system else []) + [{"role": "user", "content": a.prompt}]
+        prompt = apply_chat_template(tokenizer, messages, model.args.model_type, a.template)
+    stream = stream_generate(
+        model, tokenizer, prompt, max_tokens=a.max_tokens, sampling=_sampling(a), stop=a.stop or (),
+        mtp=a.mtp, trace=a.json, kv_bits=a.kv_bits,
+    )
+    in_reasoning = False
+    for chunk in stream:
+        if not a.json:
+            if chunk.reasoning and not in_reasoning:
+                print("<think>", flush=True)
+                in_reasoning = True
+            print(chunk.reasoning, end="", flush=True)
+            if chunk.answer and in_reasoning:
+                print("\n</think>\n", flush=True)
+                in_reasoning = False
+            print(chunk.answer, end="", flush=True)
+        result = chunk.result
+    if a.json:
+        out = result.to_dict()
+        trace = out.pop("expert_trace")
+        out["experts"] = trace
+        print(json.dumps(out, ensure_ascii=False))
+        return 0
+    print()
+    line = (
+        f"prompt: {result.prompt_tokens} tokens, {result.prompt_tps:.1f} tok/s | generation: "
+        f"{result.generation_tokens} tokens, {result.generation_tps:.1f} tok/s | peak memory {result.peak_memory_gb:.3f} GB"
+    )
+    if result.mtp_acceptance is not None:
+        line += f" | MTP acceptance {result.mtp_acceptance:.0%}"
+    print(line, file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mlx-deepseek", description="The DeepSeek model family in MLX.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -50,6 +109,21 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("model", help="model folder or hub id")
     info.add_argument("--json", action="store_true", help="print one JSON object")
     info.set_defaults(func=cmd_info)
+
+    gen = sub.add_parser("generate", help="generate an answer (reasoning and answer shown apart)")
+    gen.add_argument("--model", default=None, help="model folder or hub id (default: the bundled nano-r1)")
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--system", default=None, help="system prompt")
+    gen.add_argument("--max-tokens", type=int, default=256)
+    _sampling_args(gen)
+    gen.add_argument("--stop", action="append", help="stop string (repeatable)")
+    gen.add_argument("--mtp", action="store_true", help="MTP self-speculative decoding")
+    gen.add_argument("--kv-bits", type=int, default=None, choices=(4, 8), help="quantize the KV cache")
+    gen.add_argument("--template", default=None, choices=("r1", "v3", "v2", "v1"), help="built-in chat template")
+    gen.add_argument("--raw", action="store_true", help="use the prompt as is, without a chat template")
+    gen.add_argument("--dtype", default=None, choices=("float32", "float16", "bfloat16"))
+    gen.add_argument("--json", action="store_true", help="print one JSON object (with the expert statistics)")
+    gen.set_defaults(func=cmd_generate)
 
     # `bench X`: each benchmark registers a sub-parser here (measured side by side with mlx-lm).
     bench = sub.add_parser("bench", help="measure this project against mlx-lm on the same checkpoint")

@@ -60,7 +60,7 @@ class ExpertTrace:
         return {
             "layers": self.layers,
             "experts": [e.tolist() for e in self.experts],
-            "weights": [np.round(w, 5).tolist() for w in self.weights],
+            "weights": [np.round(w.astype(np.float64), 5).tolist() for w in self.weights],
             "load": load.tolist(),
             "max_over_mean_load": np.where(mean[:, 0] > 0, load.max(axis=1) / np.maximum(mean[:, 0], 1e-9), 0).round(3).tolist(),
         }
@@ -233,6 +233,26 @@ def _mtp_tokens(model, prompt, cache, sampler, processors, taker, stats) -> Iter
             if taker:
                 taker.take([0])
             pend_h, pend_t, y = out[:, :1, :], target, target
+
+
+def generate_tokens(
+    model: Model,
+    prompt: list[int],
+    cache: Optional[list] = None,
+    sampling: Optional[Sampling] = None,
+    mtp: bool = False,
+    stats: Optional[dict] = None,
+) -> Iterator[list[int]]:
+    """The raw token loop (no tokenizer): yields lists of new token ids (MTP may yield two per step)
+    forever; the caller stops it. `stats` receives MTP's drafted/accepted counts."""
+    sampling = sampling or Sampling()
+    cache = cache if cache is not None else make_cache(model)
+    if mtp:
+        stats = stats if stats is not None else {}
+        stats.setdefault("drafted", 0)
+        stats.setdefault("accepted", 0)
+        return _mtp_tokens(model, prompt, cache, sampling.sampler(), sampling.processors(), None, stats)
+    return _plain_tokens(model, prompt, cache, sampling.sampler(), sampling.processors(), None)
 
 
 def stream_generate(

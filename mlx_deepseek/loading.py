@@ -12,13 +12,20 @@ from .config import ModelArgs
 from .models import Model
 from .weights import check_weights, quantize_like, read_weights
 
+BUNDLED = Path(__file__).parent / "assets" / "nano-r1"  # the model every command uses by default
+
 HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.tiktoken", "*.jinja", "*.md"]
 
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 
 
-def resolve(path_or_repo: Union[str, Path]) -> Path:
-    """A local folder as is; anything else is a hub id, fetched (or found in the cache) by huggingface_hub."""
+def resolve(path_or_repo: Union[str, Path, None]) -> Path:
+    """A local folder as is; None the bundled model; anything else a hub id, fetched (or found in the
+    cache) by huggingface_hub."""
+    if path_or_repo is None:
+        if not (BUNDLED / "config.json").exists():
+            raise FileNotFoundError(f"the bundled model is not in this installation ({BUNDLED}); pass a model folder")
+        return BUNDLED
     path = Path(path_or_repo).expanduser()
     if path.exists():
         return path

@@ -14,6 +14,22 @@ def relative_error(ours, ref) -> float:
     return float(np.abs(ours - ref).max() / np.abs(ref).max())
 
 
+def write_tokenizer(folder: Path, vocab_size: int = 128) -> None:
+    """A tiny word-level tokenizer.json (made with the `tokenizers` library) and its config: 'w5' is id 5."""
+    import json
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, vocab_size)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
+    ))
+
+
 @pytest.fixture
 def fixture_copy(tmp_path):
     """A writable copy of a golden fixture folder."""

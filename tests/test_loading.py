@@ -9,28 +9,15 @@ import sys
 import mlx.core as mx
 import numpy as np
 import pytest
-from conftest import FIXTURES, relative_error
+from conftest import FIXTURES, relative_error, write_tokenizer
 
 from mlx_deepseek import load, load_model
 from mlx_deepseek.tokenizer import TokenizerError
 
 
-def _write_tokenizer(folder, vocab_size=128):
-    """A tiny word-level tokenizer.json (made with the `tokenizers` library) and its config."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, vocab_size)}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.save(str(folder / "tokenizer.json"))
-    (folder / "tokenizer_config.json").write_text(
-        json.dumps({"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"})
-    )
-
-
 def test_load_returns_model_and_tokenizer(fixture_copy):
     folder = fixture_copy("deepseek_v2_lite")
-    _write_tokenizer(folder)
+    write_tokenizer(folder)
     model, tokenizer = load(folder, dtype="float32")
     ids = tokenizer.encode("w5 w6 w7", add_special_tokens=False)
     assert ids == [5, 6, 7]

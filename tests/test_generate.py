@@ -1,0 +1,173 @@
+"""Generation: determinism, MTP speculation, batching, traces, prompt-cache reuse, stops, quantized KV cache."""
+
+import json
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from conftest import relative_error, write_tokenizer
+
+import mlx_deepseek
+from mlx_deepseek.config import ModelArgs
+from mlx_deepseek.generate import PromptCache, Sampling, batch_generate, generate, make_cache
+from mlx_deepseek.models import Model
+
+PROMPT = [1, 5, 6, 7, 8]
+
+
+@pytest.fixture(scope="module")
+def v3(tmp_path_factory):
+    """The DeepSeek-V3 golden fixture (MLA, MoE, MTP) with a word-level tokenizer: 'w5' is token 5."""
+    import shutil
+
+    from conftest import FIXTURES
+
+    folder = tmp_path_factory.mktemp("v3") / "model"
+    shutil.copytree(FIXTURES / "deepseek_v3", folder)
+    write_tokenizer(folder)
+    return mlx_deepseek.load(folder, dtype="float32")
+
+
+def test_greedy_is_deterministic_and_seeded_sampling_repeats(v3):
+    model, tok = v3
+    a, b = generate(model, tok, PROMPT, max_tokens=12), generate(model, tok, PROMPT, max_tokens=12)
+    assert a.tokens == b.tokens and len(a.tokens) == 12 and a.finish_reason == "length"
+    hot = Sampling(temperature=1.0, top_p=0.9, top_k=50, seed=3)
+    s1, s2 = generate(model, tok, PROMPT, max_tokens=12, sampling=hot), generate(model, tok, PROMPT, max_tokens=12, sampling=hot)
+    assert s1.tokens == s2.tokens and s1.tokens != a.tokens
+
+
+def test_mtp_speculation_equals_plain_greedy_when_drafts_fail(v3):
+    model, tok = v3
+    plain = generate(model, tok, PROMPT, max_tokens=16)
+    spec = generate(model, tok, PROMPT, max_tokens=16, mtp=True)
+    assert spec.tokens == plain.tokens
+    assert spec.mtp_drafted > 0 and spec.mtp_acceptance is not None
+
+
+def test_mtp_speculation_equals_plain_greedy_when_drafts_succeed(v3, monkeypatch):
+    """An oracle MTP head that drafts the true next token at every other position: both branches run."""
+    model, tok = v3
+    plain = generate(model, tok, PROMPT, max_tokens=20)
+    sequence = PROMPT + plain.tokens
+    real = type(model).mtp_logits
+
+    def oracle(self, hidden, next_tokens, k=0, cache=None):
+        logits = real(self, hidden, next_tokens, k, cache)
+        n = cache.offset  # pairs (h_j, t_{j+1}) seen: the draft is for token n + 1
+        if n + 1 < len(sequence) and n % 2 == 0:
+            row = mx.full(logits.shape[-1:], -1e9).at[sequence[n + 1]].add(1e9 + 1)
+            logits = mx.broadcast_to(row, logits.shape)
+        return logits
+
+    monkeypatch.setattr(type(model), "mtp_logits", oracle)
+    spec = generate(model, tok, PROMPT, max_tokens=20, mtp=True, trace=True)
+    assert spec.tokens == plain.tokens
+    assert 0.3 < spec.mtp_acceptance < 1.0
+    assert len(spec.expert_trace.experts) == len(spec.tokens)
+    reference = generate(model, tok, PROMPT, max_tokens=20, trace=True).expert_trace
+    for a, b in zip(spec.expert_trace.experts, reference.experts):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_batched_equals_one_by_one(v3):
+    model, tok = v3
+    prompts = [PROMPT, [1, 9], [1, 3, 4, 5, 6, 7, 8, 9, 10]]
+    single = [generate(model, tok, p, max_tokens=10).tokens for p in prompts]
+    batched = batch_generate(model, tok, prompts, n=3, max_tokens=10)
+    assert len(batched) == 9
+    for i, expected in enumerate(single):
+        for j in range(3):
+            assert batched[3 * i + j].tokens == expected
+
+
+def test_group_samples_share_the_prompt_but_differ(v3):
+    model, tok = v3
+    out = batch_generate(model, tok, [PROMPT], n=4, max_tokens=8, sampling=Sampling(temperature=1.0, seed=0))
+    assert len({tuple(r.tokens) for r in out}) > 1
+
+
+def test_expert_trace_is_consistent(v3):
+    model, tok = v3
+    r = generate(model, tok, PROMPT, max_tokens=9, trace=True)
+    t = r.expert_trace
+    args = model.args
+    moe_layers = [i for i in range(args.num_hidden_layers) if args.is_moe_layer(i)]
+    assert t.layers == moe_layers and len(t.experts) == len(t.weights) == 9
+    for e, w in zip(t.experts, t.weights):
+        assert e.shape == w.shape == (len(moe_layers), args.num_experts_per_tok)
+        assert all(len(set(row)) == args.num_experts_per_tok for row in e)  # distinct experts per token
+        np.testing.assert_allclose(w.sum(-1), args.routed_scaling_factor, rtol=1e-5)  # normalised, then scaled
+    assert (t.load.sum(axis=1) == 9 * args.num_experts_per_tok).all()
+    assert generate(model, tok, PROMPT, max_tokens=3).expert_trace is None  # off by default
+
+
+def test_prompt_cache_reuse_gives_the_same_logits_as_a_fresh_prefill(v3):
+    model, tok = v3
+    pc = PromptCache(model)
+    first = generate(model, tok, PROMPT, max_tokens=6, prompt_cache=pc)
+    assert pc.tokens == PROMPT + first.tokens and pc.cache[0].offset == len(pc.tokens)
+    turn2 = PROMPT + first.tokens + [20, 21, 22]
+    todo = pc.reuse(turn2)
+    assert todo == [20, 21, 22]
+    cached = model(mx.array(todo)[None], pc.cache)[:, -1]
+    fresh = model(mx.array(turn2)[None])[:, -1]
+    assert relative_error(cached, fresh) < 1e-5
+    # and a diverging prompt trims back to the common prefix
+    pc2 = PromptCache(model)
+    generate(model, tok, PROMPT, max_tokens=4, prompt_cache=pc2)
+    assert pc2.reuse(PROMPT[:3] + [30, 31]) == [30, 31] and pc2.cache[0].offset == 3
+    again = generate(model, tok, PROMPT[:3] + [30, 31], max_tokens=5, prompt_cache=pc2)
+    assert again.tokens == generate(model, tok, PROMPT[:3] + [30, 31], max_tokens=5).tokens
+
+
+def test_stop_strings_and_eos(v3, monkeypatch):
+    model, tok = v3
+    full = generate(model, tok, PROMPT, max_tokens=12)
+    words = full.text.split()
+    stop_word = words[3]
+    cut = generate(model, tok, PROMPT, max_tokens=12, stop=[stop_word])
+    assert cut.finish_reason == "stop" and stop_word not in cut.text
+    assert full.text.startswith(cut.text)
+    # EOS (</s>, id 2) ends generation and is not part of the text
+    real = type(model).logits
+    monkeypatch.setattr(type(model), "logits", lambda self, h: real(self, h).at[..., 2].add(1e6))
+    ended = generate(model, tok, PROMPT, max_tokens=12)
+    assert ended.finish_reason == "stop" and ended.tokens == [] and ended.text == ""
+
+
+def test_quantized_kv_cache_with_mla():
+    cfg = dict(
+        model_type="deepseek_v3", vocab_size=64, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=64, moe_intermediate_size=32, n_routed_experts=4, num_experts_per_tok=2, n_group=1,
+        topk_group=1, first_k_dense_replace=1, kv_lora_rank=64, q_lora_rank=32, qk_nope_head_dim=16,
+        qk_rope_head_dim=32, v_head_dim=16,
+    )
+    mx.random.seed(0)
+    model = Model(ModelArgs.from_dict(cfg))
+    ids = mx.array([[1, 2, 3, 4, 5, 6, 7, 8]])
+    full = model(ids)
+    cache = make_cache(model, kv_bits=8, kv_group_size=32)
+    steps = [model(ids[:, :3], cache)] + [model(ids[:, t : t + 1], cache) for t in range(3, 8)]
+    assert relative_error(mx.concatenate(steps, axis=1), full) < 0.02
+    stored = cache[0].keys[0]
+    assert stored.dtype == mx.uint32  # the latent is stored quantized
+
+
+def test_generate_command_json(v3, capsys, tmp_path):
+    from mlx_deepseek.cli import main
+
+    model, _ = v3
+    folder = tmp_path / "m"
+    import shutil
+
+    from conftest import FIXTURES
+
+    shutil.copytree(FIXTURES / "deepseek_v3", folder)
+    write_tokenizer(folder)
+    assert main(["generate", "--model", str(folder), "--prompt", "w5 w6", "--max-tokens", "6", "--json", "--mtp", "--dtype", "float32"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    for key in ("text", "reasoning", "answer", "generation_tps", "prompt_tps", "peak_memory_gb", "mtp_acceptance", "experts"):
+        assert key in d
+    assert d["generation_tokens"] == 6 and len(d["experts"]["experts"]) == 6
+    assert sum(d["experts"]["load"][0]) == 6 * model.args.num_experts_per_tok
