@@ -102,6 +102,17 @@ def cmd_generate(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_generate(a: argparse.Namespace) -> int:
+    from .bench import bench_generate, format_generate
+
+    r = bench_generate(a.model, a.prompt_tokens, a.gen_tokens, a.layers, a.scale, a.bits or None, a.trials)
+    if a.json:
+        print(json.dumps(r, indent=2))
+    else:
+        print(format_generate(r))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mlx-deepseek", description="The DeepSeek model family in MLX.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -127,7 +138,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     # `bench X`: each benchmark registers a sub-parser here (measured side by side with mlx-lm).
     bench = sub.add_parser("bench", help="measure this project against mlx-lm on the same checkpoint")
-    bench.add_subparsers(dest="bench", required=True)
+    benches = bench.add_subparsers(dest="bench", required=True)
+    bg = benches.add_parser("generate", help="prefill/decode tokens/s vs mlx-lm (plain and MTP)")
+    bg.add_argument("--model", default=None, help="a checkpoint both load (default: a random V2-Lite-shaped one)")
+    bg.add_argument("--prompt-tokens", type=int, default=128)
+    bg.add_argument("--gen-tokens", type=int, default=128)
+    bg.add_argument("--layers", type=int, default=8, help="layers of the random checkpoint")
+    bg.add_argument("--scale", type=float, default=1.0, help="width scale of the random checkpoint")
+    bg.add_argument("--bits", type=int, default=4, help="quantization of the random checkpoint (0: bfloat16)")
+    bg.add_argument("--trials", type=int, default=3)
+    bg.add_argument("--json", action="store_true")
+    bg.set_defaults(func=cmd_bench_generate)
     return p
 
 

@@ -83,11 +83,12 @@ class _TraceTaker:
         records, self.routing.records = main[:n], main[n:]
         if not records:
             return
-        inds = np.stack([np.array(i[row]) for _, i, _ in records])  # [layers, L, k]
-        weights = np.stack([np.array(w[row].astype(mx.float32)) for _, _, w in records])
+        inds = [np.array(i[row]) for _, i, _ in records]  # per layer [L, k]
+        weights = [np.array(w[row].astype(mx.float32)) for _, _, w in records]
+        length = max(len(i) for i in inds)  # a prefill's last block runs the last position only: align right
         for p in positions:
-            self.trace.experts.append(inds[:, p])
-            self.trace.weights.append(weights[:, p])
+            self.trace.experts.append(np.stack([i[p - length + len(i)] for i in inds]))
+            self.trace.weights.append(np.stack([w[p - length + len(w)] for w in weights]))
 
 
 # ---- caches ----------------------------------------------------------------------------------------
@@ -182,8 +183,8 @@ def _sample(logits: mx.array, history: mx.array, sampler, processors) -> mx.arra
 def _plain_tokens(model, prompt, cache, sampler, processors, taker) -> Iterator[list[int]]:
     """Yields one token at a time; the next forward pass is queued before the current token is used."""
     history = mx.array(prompt)
-    logits = model(mx.array(prompt)[None], cache)[:, -1, :]
-    y = _sample(logits, history[None], sampler, processors)
+    hidden = model.model(mx.array(prompt)[None], cache, last_only=True)
+    y = _sample(model.logits(hidden[:, -1, :]), history[None], sampler, processors)
     mx.async_eval(y)
     position = len(prompt) - 1
     while True:
@@ -206,7 +207,7 @@ def _mtp_tokens(model, prompt, cache, sampler, processors, taker, stats) -> Iter
     mtp_cache = make_mtp_cache(model)
     hidden = model.model(mx.array(prompt)[None], cache)  # [1, L, D], final-normed
     history = mx.array(prompt)
-    y = _sample(model.logits(hidden[:, -1:, :])[:, -1, :], history[None], sampler, processors)
+    y = _sample(model.logits(hidden[:, -1, :]), history[None], sampler, processors)
     if taker:
         taker.take([len(prompt) - 1])
     # MTP inputs pending: pairs (h_j, t_{j+1}); the prompt's own pairs fill the MTP cache first.
@@ -393,7 +394,7 @@ def batch_generate(
     mx.reset_peak_memory()
     tic = time.perf_counter()
     padded = mx.array([[0] * pad + i for pad, i in zip(padding, ids)])
-    logits = model(padded, cache)[:, -1, :]
+    logits = model.logits(model.model(padded, cache, last_only=True)[:, -1, :])
     rows = mx.array([p for p in range(len(ids)) for _ in range(n)])
     if n > 1:
         for c in cache:

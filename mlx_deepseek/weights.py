@@ -280,3 +280,18 @@ def read_weights(
     if (folder / MTP_FILE).exists():
         files.append(folder / MTP_FILE)
     return dict(hf_to_mlx(iter_safetensors(files), args, dtype, problems))
+
+
+# ---- writing --------------------------------------------------------------------------------------
+def save_model(model: nn.Module, folder: Path, config: dict) -> None:
+    """Write a model in the MLX layout: config.json, model.safetensors (what mlx-lm reads) and, when the
+    model has MTP modules, mtp.safetensors. The caller makes the write atomic (a temporary folder)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    weights = dict(tree_flatten(model.parameters()))
+    main = {k: v for k, v in weights.items() if not k.startswith("mtp.")}
+    mtp = {k: v for k, v in weights.items() if k.startswith("mtp.")}
+    mx.save_safetensors(str(folder / "model.safetensors"), main, metadata={"format": "mlx"})
+    if mtp:
+        mx.save_safetensors(str(folder / MTP_FILE), mtp, metadata={"format": "mlx"})
+    (folder / "config.json").write_text(json.dumps(config, indent=2))

@@ -32,6 +32,10 @@ def test_greedy_is_deterministic_and_seeded_sampling_repeats(v3):
     model, tok = v3
     a, b = generate(model, tok, PROMPT, max_tokens=12), generate(model, tok, PROMPT, max_tokens=12)
     assert a.tokens == b.tokens and len(a.tokens) == 12 and a.finish_reason == "length"
+    # greedy decoding is the argmax of the full forward pass, token after token
+    seq = PROMPT + a.tokens
+    full = model(mx.array(seq)[None])[0]
+    assert mx.argmax(full[len(PROMPT) - 1 : -1], axis=-1).tolist() == a.tokens
     hot = Sampling(temperature=1.0, top_p=0.9, top_k=50, seed=3)
     s1, s2 = generate(model, tok, PROMPT, max_tokens=12, sampling=hot), generate(model, tok, PROMPT, max_tokens=12, sampling=hot)
     assert s1.tokens == s2.tokens and s1.tokens != a.tokens

@@ -22,8 +22,12 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
         self.post_attention_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
 
-    def __call__(self, x: mx.array, mask: Optional[mx.array], cache: Optional[Any] = None) -> mx.array:
+    def __call__(
+        self, x: mx.array, mask: Optional[mx.array], cache: Optional[Any] = None, last_only: bool = False
+    ) -> mx.array:
         h = x + self.self_attn(self.input_layernorm(x), mask, cache)
+        if last_only:  # the cache is filled; only the last position goes on
+            h = h[:, -1:, :]
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -42,12 +46,15 @@ class DeepSeekModel(nn.Module):
         self.norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
         self.mla = args.uses_mla
 
-    def __call__(self, inputs: mx.array, cache: Optional[list] = None) -> mx.array:
+    def __call__(self, inputs: mx.array, cache: Optional[list] = None, last_only: bool = False) -> mx.array:
+        """Final-normed hidden states [B, L, D]; with `last_only` (prefill) those of the last position,
+        skipping the last block's feed-forward on the others."""
         h = self.embed_tokens(inputs)
         cache = cache or [None] * len(self.layers)
         mask = attention_mask(h, cache[0], self.mla)
-        for layer, c in zip(self.layers, cache):
-            h = layer(h, mask, c)
+        last = len(self.layers) - 1
+        for i, (layer, c) in enumerate(zip(self.layers, cache)):
+            h = layer(h, mask, c, last_only=last_only and i == last)
         return self.norm(h)
 
 
