@@ -45,7 +45,10 @@ def random_checkpoint(folder: Path, layers: int = 8, scale: float = 1.0, bits: O
         nn.quantize(model, group_size=group_size, bits=bits)
         config["quantization"] = {"group_size": group_size, "bits": bits}
     elif mx.default_device() != mx.cpu:  # unquantized: bfloat16 (the CPU's gather_mm needs float32)
-        model.set_dtype(mx.bfloat16, lambda k: "e_score_correction_bias" not in k)
+        model.load_weights([
+            (k, v if k.endswith("e_score_correction_bias") else v.astype(mx.bfloat16))
+            for k, v in tree_flatten(model.parameters())
+        ])
         config["torch_dtype"] = "bfloat16"
     mx.eval(model.parameters())
     save_model(model, folder, config)

@@ -9,11 +9,12 @@ from typing import Iterator, Optional, Sequence, Union
 
 import mlx.core as mx
 import numpy as np
-from mlx_lm.models.cache import BatchKVCache, KVCache, QuantizedKVCache
+from mlx_lm.models.cache import BatchKVCache, QuantizedKVCache
 from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
 from .chat import THINK, ReasoningParser
 from .models import Model
+from .models.cache import StaticKVCache
 from .models.moe import RoutingTrace
 
 
@@ -92,27 +93,56 @@ class _TraceTaker:
 
 
 # ---- caches ----------------------------------------------------------------------------------------
-def make_cache(model: Model, kv_bits: Optional[int] = None, kv_group_size: int = 64) -> list:
-    """One cache per layer; with kv_bits the cached K/V (for MLA: latent and k_pe) are stored quantized."""
+def activation_dtype(model: Model) -> mx.Dtype:
+    return model.model.norm.weight.dtype
+
+
+def make_cache(model: Model, kv_bits: Optional[int] = None, kv_group_size: int = 64, capacity: int = 256) -> list:
+    """One cache per layer: fixed-capacity (so decode compiles), or with kv_bits stored quantized
+    (for MLA: the latent and k_pe)."""
     if kv_bits is None:
-        return [KVCache() for _ in model.layers]
+        return [StaticKVCache(model.args, 1, capacity, activation_dtype(model)) for _ in model.layers]
     return [QuantizedKVCache(group_size=kv_group_size, bits=kv_bits) for _ in model.layers]
-
-
-def make_mtp_cache(model: Model) -> list:
-    return [KVCache() for _ in model.mtp]
 
 
 class PromptCache:
     """A model cache plus the tokens it holds, reused across turns of one conversation.
 
-    A new prompt that starts with (part of) the cached tokens only prefills the rest.
+    A new prompt that starts with (part of) the cached tokens only prefills the rest. With the
+    fixed-capacity cache, the forward pass over new tokens (`hidden`) is compiled once per shape:
+    one graph per decode step instead of hundreds of separately dispatched operations.
     """
 
     def __init__(self, model: Model, kv_bits: Optional[int] = None, kv_group_size: int = 64):
         self.model, self.kv_bits, self.kv_group_size = model, kv_bits, kv_group_size
         self.cache = make_cache(model, kv_bits, kv_group_size)
+        self.mtp_cache = make_cache(model, capacity=256)[: len(model.mtp)]
         self.tokens: list[int] = []
+        self.traced = False  # a routing trace records lazily inside the forward pass: run it uncompiled
+        self._compile()
+
+    def _compile(self) -> None:
+        model, cache, mtp_cache = self.model, self.cache, self.mtp_cache
+        self._hidden = lambda t: model.model(t, cache)
+        self._draft = lambda h, t: model.mtp_logits(h, t, 0, mtp_cache[0])
+        state, mtp_state = [c.state for c in cache if isinstance(c, StaticKVCache)], [c.state for c in mtp_cache]
+        self._hidden_compiled = mx.compile(self._hidden, inputs=state, outputs=state) if state else self._hidden
+        self._draft_compiled = mx.compile(self._draft, inputs=mtp_state, outputs=mtp_state) if mtp_state else None
+
+    def hidden(self, tokens: mx.array) -> mx.array:
+        """Final-normed hidden states of new tokens [B, L], appended to the cache (compiled unless `traced`)."""
+        return (self._hidden if self.traced else self._hidden_compiled)(tokens)
+
+    def draft(self, hidden: mx.array, next_tokens: mx.array) -> mx.array:
+        """The MTP module's logits on pending (h_j, t_{j+1}) pairs, through its own cache."""
+        return (self._draft if self.traced else self._draft_compiled)(hidden, next_tokens)
+
+    def ensure(self, new_tokens: int) -> None:
+        """Room for `new_tokens` more positions (grown in steps of 256; outside the compiled step)."""
+        need = -(-(len(self.tokens) + new_tokens + 2) // 256) * 256
+        for c in self.cache + self.mtp_cache:
+            if isinstance(c, StaticKVCache):
+                c.ensure(need)
 
     def reuse(self, prompt: list[int]) -> list[int]:
         """Trim the cache to the longest common prefix (leaving at least one token) and return what to prefill."""
@@ -124,9 +154,12 @@ class PromptCache:
         drop = len(self.tokens) - common
         if drop and not all(c.is_trimmable() for c in self.cache):
             self.cache, common, drop = make_cache(self.model, self.kv_bits, self.kv_group_size), 0, 0
+            self._compile()
         for c in self.cache:
             if drop:
                 c.trim(drop)
+        self.mtp_cache = make_cache(self.model, capacity=256)[: len(self.model.mtp)]  # MTP state restarts per call
+        self._compile()
         self.tokens = self.tokens[:common]
         return prompt[common:]
 
@@ -180,16 +213,16 @@ def _sample(logits: mx.array, history: mx.array, sampler, processors) -> mx.arra
     return sampler(logits - mx.logsumexp(logits, axis=-1, keepdims=True))
 
 
-def _plain_tokens(model, prompt, cache, sampler, processors, taker) -> Iterator[list[int]]:
+def _plain_tokens(model, prompt, pc: PromptCache, sampler, processors, taker) -> Iterator[list[int]]:
     """Yields one token at a time; the next forward pass is queued before the current token is used."""
     history = mx.array(prompt)
-    hidden = model.model(mx.array(prompt)[None], cache, last_only=True)
+    hidden = model.model(mx.array(prompt)[None], pc.cache, last_only=True)
     y = _sample(model.logits(hidden[:, -1, :]), history[None], sampler, processors)
     mx.async_eval(y)
     position = len(prompt) - 1
     while True:
         history = mx.concatenate([history, y])
-        next_y = _sample(model(y[None], cache)[:, -1, :], history[None], sampler, processors)
+        next_y = _sample(model.logits(pc.hidden(y[None])[:, -1, :]), history[None], sampler, processors)
         mx.async_eval(next_y)
         if taker:
             taker.take([position])
@@ -198,14 +231,13 @@ def _plain_tokens(model, prompt, cache, sampler, processors, taker) -> Iterator[
         y = next_y
 
 
-def _mtp_tokens(model, prompt, cache, sampler, processors, taker, stats) -> Iterator[list[int]]:
+def _mtp_tokens(model, prompt, pc: PromptCache, sampler, processors, taker, stats) -> Iterator[list[int]]:
     """MTP self-speculative decoding (batch 1): the MTP module drafts t_{n+1} from (h_{n-1}, t_n); the main
     model verifies [t_n, draft] in one pass. The target token is always sampled from the main model's
     distribution and the draft kept only if it equals it, so outputs are exactly those of plain decoding
     (greedy: token-identical; sampled: the same distribution). The draft is the MTP module's argmax.
     """
-    mtp_cache = make_mtp_cache(model)
-    hidden = model.model(mx.array(prompt)[None], cache)  # [1, L, D], final-normed
+    hidden = model.model(mx.array(prompt)[None], pc.cache)  # [1, L, D], final-normed
     history = mx.array(prompt)
     y = _sample(model.logits(hidden[:, -1, :]), history[None], sampler, processors)
     if taker:
@@ -215,8 +247,8 @@ def _mtp_tokens(model, prompt, cache, sampler, processors, taker, stats) -> Iter
     while True:
         yield [y.item()]
         history = mx.concatenate([history, y])
-        draft = mx.argmax(model.mtp_logits(pend_h, pend_t[None], 0, mtp_cache[0])[:, -1, :], axis=-1)
-        out = model.model(mx.concatenate([y, draft])[None], cache)  # positions n, n+1
+        draft = mx.argmax(pc.draft(pend_h, pend_t[None])[:, -1, :], axis=-1)
+        out = pc.hidden(mx.concatenate([y, draft])[None])  # positions n, n+1
         logits = model.logits(out)
         target = _sample(logits[:, 0, :], history[None], sampler, processors)
         stats["drafted"] += 1
@@ -229,7 +261,7 @@ def _mtp_tokens(model, prompt, cache, sampler, processors, taker, stats) -> Iter
             history = mx.concatenate([history, target])
             pend_h, pend_t, y = out, mx.concatenate([target, nxt]), nxt
         else:
-            for c in cache:
+            for c in pc.cache:
                 c.trim(1)
             if taker:
                 taker.take([0])
@@ -239,21 +271,30 @@ def _mtp_tokens(model, prompt, cache, sampler, processors, taker, stats) -> Iter
 def generate_tokens(
     model: Model,
     prompt: list[int],
-    cache: Optional[list] = None,
+    max_tokens: int = 256,
     sampling: Optional[Sampling] = None,
     mtp: bool = False,
     stats: Optional[dict] = None,
+    prompt_cache: Optional[PromptCache] = None,
 ) -> Iterator[list[int]]:
-    """The raw token loop (no tokenizer): yields lists of new token ids (MTP may yield two per step)
-    forever; the caller stops it. `stats` receives MTP's drafted/accepted counts."""
+    """The raw token loop (no tokenizer, no stopping rule but max_tokens): yields lists of new token ids
+    (MTP may yield two per step). `stats` receives MTP's drafted/accepted counts."""
     sampling = sampling or Sampling()
-    cache = cache if cache is not None else make_cache(model)
+    pc = prompt_cache or PromptCache(model)
+    pc.ensure(len(prompt) + max_tokens)
     if mtp:
         stats = stats if stats is not None else {}
         stats.setdefault("drafted", 0)
         stats.setdefault("accepted", 0)
-        return _mtp_tokens(model, prompt, cache, sampling.sampler(), sampling.processors(), None, stats)
-    return _plain_tokens(model, prompt, cache, sampling.sampler(), sampling.processors(), None)
+        steps = _mtp_tokens(model, prompt, pc, sampling.sampler(), sampling.processors(), None, stats)
+    else:
+        steps = _plain_tokens(model, prompt, pc, sampling.sampler(), sampling.processors(), None)
+    produced = 0
+    for new in steps:
+        yield new[: max_tokens - produced]
+        produced += len(new)
+        if produced >= max_tokens:
+            return
 
 
 def stream_generate(
@@ -286,6 +327,8 @@ def stream_generate(
     if prompt_cache is None:
         prompt_cache = PromptCache(model, kv_bits, kv_group_size)
     todo = prompt_cache.reuse(ids)
+    prompt_cache.ensure(len(todo) + max_tokens)
+    prompt_cache.traced = trace
 
     sampler, processors = sampling.sampler(), sampling.processors()
     taker = _TraceTaker(model) if trace else None
@@ -299,7 +342,7 @@ def stream_generate(
     mx.reset_peak_memory()
     tic = time.perf_counter()
     loop = _mtp_tokens if mtp else _plain_tokens
-    steps = loop(model, todo, prompt_cache.cache, sampler, processors, taker, *([stats] if mtp else []))
+    steps = loop(model, todo, prompt_cache, sampler, processors, taker, *([stats] if mtp else []))
     text, cut = "", False
     try:
         for new in steps:
@@ -353,12 +396,12 @@ def stream_generate(
 
 def _sync_cache_length(pc: PromptCache) -> None:
     """The token loop runs one step ahead: trim the cache to exactly the tokens it has seen."""
-    extra = pc.cache[0].offset - len(pc.tokens)
+    extra = int(pc.cache[0].offset) - len(pc.tokens)
     if extra > 0:
         for c in pc.cache:
             c.trim(extra)
     elif extra < 0:  # the last generated token was never fed back
-        pc.tokens = pc.tokens[: pc.cache[0].offset]
+        pc.tokens = pc.tokens[: int(pc.cache[0].offset)]
 
 
 def generate(model: Model, tokenizer, prompt, **kwargs) -> GenerationResult:

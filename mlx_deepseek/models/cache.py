@@ -1,0 +1,67 @@
+"""A KV cache of fixed capacity, so a decode step has the same shapes every token and compiles once."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+
+from ..config import ModelArgs
+
+
+def cache_widths(args: ModelArgs) -> tuple[tuple[int, int], tuple[int, int]]:
+    """(heads, width) of what a layer caches as keys and values: MLA caches c_KV and k_pe (one 'head')."""
+    if args.uses_mla:
+        return (1, args.kv_lora_rank), (1, args.qk_rope_head_dim)
+    return (args.num_key_value_heads, args.attention_head_dim), (args.num_key_value_heads, args.attention_head_dim)
+
+
+class StaticKVCache:
+    """Keys and values in buffers of `capacity` positions; `offset` is an array, written in place with
+    slice_update, and attention masks the unwritten tail. All its arrays live in `state` (a dict), which a
+    compiled decode step takes as implicit input and output."""
+
+    def __init__(self, args: ModelArgs, batch: int, capacity: int, dtype: mx.Dtype):
+        (hk, dk), (hv, dv) = cache_widths(args)
+        self.state = {
+            "keys": mx.zeros((batch, hk, capacity, dk), dtype),
+            "values": mx.zeros((batch, hv, capacity, dv), dtype),
+            "offset": mx.array(0, mx.int32),
+        }
+
+    @property
+    def offset(self) -> mx.array:
+        return self.state["offset"]
+
+    @property
+    def capacity(self) -> int:
+        return self.state["keys"].shape[2]
+
+    @property
+    def length(self) -> int:
+        return self.state["offset"].item()
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array):
+        s, offset = self.state, self.state["offset"]
+        s["keys"] = mx.slice_update(s["keys"], keys, offset[None], axes=(2,))
+        s["values"] = mx.slice_update(s["values"], values, offset[None], axes=(2,))
+        s["offset"] = offset + keys.shape[2]
+        return s["keys"], s["values"]
+
+    def make_mask(self, n: int, return_array: bool = False, **_) -> mx.array:
+        """[n, capacity]: new token i sees positions up to offset + i."""
+        rows = self.state["offset"] + mx.arange(n)[:, None]
+        return mx.arange(self.capacity)[None] <= rows
+
+    def ensure(self, capacity: int) -> None:
+        """Grow (outside any compiled step) to hold `capacity` positions."""
+        extra = capacity - self.capacity
+        if extra > 0:
+            for k in ("keys", "values"):
+                a = self.state[k]
+                self.state[k] = mx.concatenate([a, mx.zeros((*a.shape[:2], extra, a.shape[3]), a.dtype)], axis=2)
+
+    def is_trimmable(self) -> bool:
+        return True
+
+    def trim(self, n: int) -> int:
+        self.state["offset"] = self.state["offset"] - n
+        return n
