@@ -127,11 +127,19 @@ class PromptCache:
         self._draft = lambda h, t: model.mtp_logits(h, t, 0, mtp_cache[0])
         state, mtp_state = [c.state for c in cache if isinstance(c, StaticKVCache)], [c.state for c in mtp_cache]
         self._hidden_compiled = mx.compile(self._hidden, inputs=state, outputs=state) if state else self._hidden
+        self._next_logits = lambda t: model.logits(model.model(t, cache)[:, -1, :])
+        self._next_logits_compiled = (
+            mx.compile(self._next_logits, inputs=state, outputs=state) if state else self._next_logits
+        )
         self._draft_compiled = mx.compile(self._draft, inputs=mtp_state, outputs=mtp_state) if mtp_state else None
 
     def hidden(self, tokens: mx.array) -> mx.array:
         """Final-normed hidden states of new tokens [B, L], appended to the cache (compiled unless `traced`)."""
         return (self._hidden if self.traced else self._hidden_compiled)(tokens)
+
+    def next_logits(self, tokens: mx.array) -> mx.array:
+        """Logits for the token after `tokens` [B, L] (the decode step: blocks and head in one graph)."""
+        return (self._next_logits if self.traced else self._next_logits_compiled)(tokens)
 
     def draft(self, hidden: mx.array, next_tokens: mx.array) -> mx.array:
         """The MTP module's logits on pending (h_j, t_{j+1}) pairs, through its own cache."""
@@ -222,7 +230,7 @@ def _plain_tokens(model, prompt, pc: PromptCache, sampler, processors, taker) ->
     position = len(prompt) - 1
     while True:
         history = mx.concatenate([history, y])
-        next_y = _sample(model.logits(pc.hidden(y[None])[:, -1, :]), history[None], sampler, processors)
+        next_y = _sample(pc.next_logits(y[None]), history[None], sampler, processors)
         mx.async_eval(next_y)
         if taker:
             taker.take([position])
