@@ -113,6 +113,109 @@ def cmd_bench_generate(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_convert(a: argparse.Namespace) -> int:
+    from convert import convert
+    from convert.recipes import describe
+
+    if a.list_recipes:
+        print(describe())
+        return 0
+    if a.src is None or a.output is None:
+        raise ValueError("convert needs SRC and -o DST (or --list-recipes)")
+    report = convert(
+        a.src, a.output, to=a.to, dtype=a.dtype, q_bits=a.q_bits, q_group_size=a.q_group_size,
+        recipe=a.recipe or ("uniform" if a.quantize else None), high_bits=a.high_bits, dequantize=a.dequantize,
+        drop_mtp=a.drop_mtp, shard_size=a.shard_size, overwrite=a.overwrite, verify=a.verify,
+        progress=not a.no_progress,
+    )
+    print(report.summary())
+    return 0
+
+
+def cmd_bench_convert(a: argparse.Namespace) -> int:
+    from convert.bench import bench_convert
+
+    return bench_convert(a)
+
+
+_TRAIN_SETTINGS = (  # flag -> TrainConfig field, for `train pretrain` and `train sft`
+    "steps", "batch_size", "seq_len", "lr", "min_lr_ratio", "warmup", "weight_decay", "grad_clip", "mtp_weight",
+    "bias_gamma", "seq_aux_alpha", "expert_aux_alpha", "device_aux_alpha", "n_devices", "data_seed", "seed",
+    "log_every", "eval_every", "save_every",
+)
+
+
+def cmd_train(a: argparse.Namespace) -> int:
+    if a.train == "tokenizer":
+        from .train.vocab import train_tokenizer
+
+        out = train_tokenizer(a.out, vocab_size=a.vocab_size, n_texts=a.texts, seed=a.seed, overwrite=a.overwrite)
+        print(f"tokenizer written to {out}")
+        return 0
+    from .train.loop import TrainConfig
+
+    settings = {k: getattr(a, k) for k in _TRAIN_SETTINGS if getattr(a, k) is not None}
+    if a.no_compile:
+        settings["compile"] = False
+    if a.train == "pretrain":
+        from .train.pretrain import pretrain
+
+        out = pretrain(a.out, TrainConfig.from_dict(settings), config=a.config, tokenizer=a.tokenizer,
+                       resume=a.resume, progress=not a.no_progress)
+    else:
+        from .train.sft import sft, sft_config
+
+        out = sft(a.model, a.out, sft_config(**settings), resume=a.resume, progress=not a.no_progress)
+    print(f"model written to {out} (metrics in {out.parent / 'metrics.jsonl'})")
+    return 0
+
+
+def _add_train_parser(sub) -> None:
+    train = sub.add_parser("train", help="train nano-r1 style models: tokenizer, pretrain, sft")
+    kinds = train.add_subparsers(dest="train", required=True)
+    tok = kinds.add_parser("tokenizer", help="train the sentencepiece tokenizer on the synthetic task corpus")
+    tok.add_argument("--out", required=True, help="tokenizer folder (written atomically)")
+    tok.add_argument("--vocab-size", type=int, default=768)
+    tok.add_argument("--texts", type=int, default=20000, help="task examples in the training corpus")
+    tok.add_argument("--seed", type=int, default=0)
+    tok.add_argument("--overwrite", action="store_true")
+    tok.set_defaults(func=cmd_train)
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--out", required=True, help="run folder: checkpoints/, metrics.jsonl, model/")
+        p.add_argument("--steps", type=int)
+        p.add_argument("--batch", dest="batch_size", type=int, help="sequences per step")
+        p.add_argument("--seq-len", type=int, help="tokens per packed sequence")
+        p.add_argument("--lr", type=float, help="peak learning rate (AdamW, warmup then cosine)")
+        p.add_argument("--min-lr-ratio", type=float, help="final lr as a fraction of the peak")
+        p.add_argument("--warmup", type=int, help="warmup steps")
+        p.add_argument("--weight-decay", type=float)
+        p.add_argument("--grad-clip", type=float)
+        p.add_argument("--mtp-weight", type=float, help="lambda of the MTP loss (0: off)")
+        p.add_argument("--bias-gamma", type=float, help="aux-loss-free bias update speed (0: off)")
+        p.add_argument("--seq-aux-alpha", type=float, help="V3 sequence-wise balance loss weight")
+        p.add_argument("--expert-aux-alpha", type=float, help="V2 expert-level balance loss weight")
+        p.add_argument("--device-aux-alpha", type=float, help="V2 device-level balance loss weight")
+        p.add_argument("--n-devices", type=int, help="device groups for the device-level loss")
+        p.add_argument("--data-seed", type=int)
+        p.add_argument("--seed", type=int, help="initialisation seed")
+        p.add_argument("--log-every", type=int)
+        p.add_argument("--eval-every", type=int, help="heldout loss every N steps (0: never)")
+        p.add_argument("--save-every", type=int, help="checkpoint every N steps")
+        p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+        p.add_argument("--no-compile", action="store_true", help="run the step uncompiled")
+        p.add_argument("--no-progress", action="store_true")
+        p.set_defaults(func=cmd_train)
+
+    pre = kinds.add_parser("pretrain", help="pretrain from scratch: next-token + MTP loss, aux-loss-free balancing")
+    pre.add_argument("--config", default=None, help="model config.json (default: the nano-r1 config)")
+    pre.add_argument("--tokenizer", default=None, help="tokenizer folder (default: train one into OUT/tokenizer)")
+    common(pre)
+    sft = kinds.add_parser("sft", help="cold-start SFT on chat-formatted traces (loss on assistant tokens only)")
+    sft.add_argument("--model", default=None, help="model folder to fine-tune (default: the bundled nano-r1)")
+    common(sft)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mlx-deepseek", description="The DeepSeek model family in MLX.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -136,6 +239,32 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--json", action="store_true", help="print one JSON object (with the expert statistics)")
     gen.set_defaults(func=cmd_generate)
 
+    conv = sub.add_parser(
+        "convert", help="convert and quantize, streaming shard by shard (HF / FP8 -> MLX, MLX -> HF)",
+        description="SRC (a folder or hub id) -> DST. Default: the MLX layout that this project and mlx_lm.load "
+        "read, float in the stored dtype (FP8 -> bfloat16).",
+    )
+    conv.add_argument("src", nargs="?", help="model folder or hub id")
+    conv.add_argument("-o", "--output", help="destination folder (written atomically)")
+    conv.add_argument("-q", "--quantize", action="store_true", help="quantize (the uniform recipe unless --recipe)")
+    conv.add_argument("--q-bits", type=int, default=None, choices=(2, 3, 4, 5, 6, 8), help="quantize to B bits (default 4)")
+    conv.add_argument("--q-group-size", type=int, default=64, choices=(32, 64, 128))
+    conv.add_argument("--recipe", default=None, help="which layers get which bits (see --list-recipes)")
+    conv.add_argument("--high-bits", type=int, default=6, choices=(2, 3, 4, 5, 6, 8), help="the wider width of mixed recipes")
+    conv.add_argument("--list-recipes", action="store_true", help="list the quantization recipes")
+    conv.add_argument("--dtype", default=None, choices=("float32", "float16", "bfloat16"),
+                      help="float dtype (default: as stored; FP8 becomes bfloat16)")
+    conv.add_argument("--dequantize", action="store_true", help="a quantized MLX model back to floats")
+    conv.add_argument("--to", default="mlx", choices=("mlx", "hf"), help="output layout (hf: the hub's, float)")
+    conv.add_argument("--drop-mtp", action="store_true", help="leave out the Multi-Token-Prediction module")
+    conv.add_argument("--shard-size", default="5GB", help="largest output shard (default 5GB)")
+    conv.add_argument("--overwrite", action="store_true", help="replace an existing DST")
+    conv.add_argument("--verify", action="store_true", help="compare DST's logits with SRC's on a short prompt")
+    conv.add_argument("--no-progress", action="store_true")
+    conv.set_defaults(func=cmd_convert)
+
+    _add_train_parser(sub)
+
     # `bench X`: each benchmark registers a sub-parser here (measured side by side with mlx-lm).
     bench = sub.add_parser("bench", help="measure this project against mlx-lm on the same checkpoint")
     benches = bench.add_subparsers(dest="bench", required=True)
@@ -149,6 +278,17 @@ def build_parser() -> argparse.ArgumentParser:
     bg.add_argument("--trials", type=int, default=3)
     bg.add_argument("--json", action="store_true")
     bg.set_defaults(func=cmd_bench_generate)
+    bc = benches.add_parser("convert", help="time and peak RSS of this converter vs mlx_lm.convert")
+    bc.add_argument("--layers", type=int, default=3, help="layers of the random V2-Lite-shaped checkpoint")
+    bc.add_argument("--scale", type=float, default=1.0, help="width scale of the random checkpoint")
+    bc.add_argument("--variants", default="bf16,fp8", help="source formats, comma-separated (bf16, fp8)")
+    bc.add_argument("--shard-size", default="1GB", help="input shard size (the output uses the same)")
+    bc.add_argument("--bits", type=int, default=4, help="quantization of both tools' output")
+    bc.add_argument("--group-size", type=int, default=64)
+    bc.add_argument("--dir", default=None, help="work folder (default: a temporary one, removed after)")
+    bc.add_argument("--write", action="store_true", help="append the results to BENCHMARKS.md")
+    bc.add_argument("--json", action="store_true")
+    bc.set_defaults(func=cmd_bench_convert)
     return p
 
 

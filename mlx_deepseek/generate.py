@@ -9,7 +9,7 @@ from typing import Iterator, Optional, Sequence, Union
 
 import mlx.core as mx
 import numpy as np
-from mlx_lm.models.cache import BatchKVCache, QuantizedKVCache
+from mlx_lm.models.cache import BatchKVCache, KVCache, QuantizedKVCache
 from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
 from .chat import THINK, ReasoningParser
@@ -105,49 +105,107 @@ def make_cache(model: Model, kv_bits: Optional[int] = None, kv_group_size: int =
     return [QuantizedKVCache(group_size=kv_group_size, bits=kv_bits) for _ in model.layers]
 
 
+class CompiledSteps:
+    """The forward passes of decoding, compiled once per model (and traced once per input shape).
+
+    Cache state goes in and out explicitly and the weights are implicit inputs, so one compiled graph
+    serves every conversation and sees weights that change (fine-tuning) without retracing.
+    """
+
+    def __init__(self, model: Model):
+        def hidden(tokens, states):
+            caches = [StaticKVCache.wrap(s) for s in states]
+            return model.model(tokens, caches), [c.state for c in caches]
+
+        def next_logits(tokens, states):
+            h, states = hidden(tokens, states)
+            return model.logits(h[:, -1, :]), states
+
+        def draft(h, next_tokens, states):
+            cache = StaticKVCache.wrap(states[0])
+            return model.mtp_logits(h, next_tokens, 0, cache), [cache.state]
+
+        weights = [model]
+        self.hidden = mx.compile(hidden, inputs=weights)
+        self.next_logits = mx.compile(next_logits, inputs=weights)
+        self.draft = mx.compile(draft, inputs=weights)
+
+
+def compiled_steps(model: Model) -> CompiledSteps:
+    steps = model.__dict__.get("_compiled_steps")
+    if steps is None:
+        steps = CompiledSteps(model)
+        object.__setattr__(model, "_compiled_steps", steps)  # a plain attribute, not a parameter
+    return steps
+
+
 class PromptCache:
     """A model cache plus the tokens it holds, reused across turns of one conversation.
 
     A new prompt that starts with (part of) the cached tokens only prefills the rest. With the
-    fixed-capacity cache, the forward pass over new tokens (`hidden`) is compiled once per shape:
-    one graph per decode step instead of hundreds of separately dispatched operations.
+    fixed-capacity cache every decode step has the same shapes and runs as one compiled graph
+    (CompiledSteps) instead of hundreds of separately dispatched operations.
     """
 
     def __init__(self, model: Model, kv_bits: Optional[int] = None, kv_group_size: int = 64):
         self.model, self.kv_bits, self.kv_group_size = model, kv_bits, kv_group_size
         self.cache = make_cache(model, kv_bits, kv_group_size)
-        self.mtp_cache = make_cache(model, capacity=256)[: len(model.mtp)]
+        self.mtp_cache = make_cache(model, capacity=64)[: len(model.mtp)]
         self.tokens: list[int] = []
         self.traced = False  # a routing trace records lazily inside the forward pass: run it uncompiled
-        self._compile()
 
-    def _compile(self) -> None:
-        model, cache, mtp_cache = self.model, self.cache, self.mtp_cache
-        self._hidden = lambda t: model.model(t, cache)
-        self._draft = lambda h, t: model.mtp_logits(h, t, 0, mtp_cache[0])
-        state, mtp_state = [c.state for c in cache if isinstance(c, StaticKVCache)], [c.state for c in mtp_cache]
-        self._hidden_compiled = mx.compile(self._hidden, inputs=state, outputs=state) if state else self._hidden
-        self._next_logits = lambda t: model.logits(model.model(t, cache)[:, -1, :])
-        self._next_logits_compiled = (
-            mx.compile(self._next_logits, inputs=state, outputs=state) if state else self._next_logits
-        )
-        self._draft_compiled = mx.compile(self._draft, inputs=mtp_state, outputs=mtp_state) if mtp_state else None
+    @property
+    def compiled(self) -> bool:
+        return not self.traced and isinstance(self.cache[0], StaticKVCache)
 
     def hidden(self, tokens: mx.array) -> mx.array:
-        """Final-normed hidden states of new tokens [B, L], appended to the cache (compiled unless `traced`)."""
-        return (self._hidden if self.traced else self._hidden_compiled)(tokens)
+        """Final-normed hidden states of new tokens [B, L], appended to the cache."""
+        if not self.compiled:
+            return self.model.model(tokens, self.cache)
+        h, states = compiled_steps(self.model).hidden(tokens, [c.state for c in self.cache])
+        self._store(self.cache, states)
+        return h
 
     def next_logits(self, tokens: mx.array) -> mx.array:
         """Logits for the token after `tokens` [B, L] (the decode step: blocks and head in one graph)."""
-        return (self._next_logits if self.traced else self._next_logits_compiled)(tokens)
+        if not self.compiled:
+            return self.model.logits(self.model.model(tokens, self.cache)[:, -1, :])
+        logits, states = compiled_steps(self.model).next_logits(tokens, [c.state for c in self.cache])
+        self._store(self.cache, states)
+        return logits
 
     def draft(self, hidden: mx.array, next_tokens: mx.array) -> mx.array:
         """The MTP module's logits on pending (h_j, t_{j+1}) pairs, through its own cache."""
-        return (self._draft if self.traced else self._draft_compiled)(hidden, next_tokens)
+        if self.traced:
+            return self.model.mtp_logits(hidden, next_tokens, 0, self.mtp_cache[0])
+        logits, states = compiled_steps(self.model).draft(hidden, next_tokens, [self.mtp_cache[0].state])
+        self._store(self.mtp_cache, states)
+        return logits
+
+    @staticmethod
+    def _store(caches: list, states: list) -> None:
+        for c, state in zip(caches, states):
+            c.state = state
+
+    def prefill(self, tokens: mx.array, last_only: bool = False) -> mx.array:
+        """Hidden states of a prompt chunk [B, L]. Runs on exact-length views of the cached prefix (no
+        attention over the unwritten tail), then writes the new keys and values into the fixed buffers."""
+        if not isinstance(self.cache[0], StaticKVCache):
+            return self.model.model(tokens, self.cache, last_only=last_only)
+        n = len(self.tokens)
+        views = [KVCache() for _ in self.cache]
+        for c, view in zip(self.cache, views):
+            if n:
+                view.update_and_fetch(c.state["keys"][..., :n, :], c.state["values"][..., :n, :])
+        hidden = self.model.model(tokens, views, last_only=last_only)
+        for c, view in zip(self.cache, views):
+            c.state["offset"] = mx.array(n, mx.int32)
+            c.update_and_fetch(view.keys[..., n : view.offset, :], view.values[..., n : view.offset, :])
+        return hidden
 
     def ensure(self, new_tokens: int) -> None:
-        """Room for `new_tokens` more positions (grown in steps of 256; outside the compiled step)."""
-        need = -(-(len(self.tokens) + new_tokens + 2) // 256) * 256
+        """Room for `new_tokens` more positions (grown in steps of 64; outside the compiled step)."""
+        need = -(-(len(self.tokens) + new_tokens + 2) // 64) * 64
         for c in self.cache + self.mtp_cache:
             if isinstance(c, StaticKVCache):
                 c.ensure(need)
@@ -162,12 +220,10 @@ class PromptCache:
         drop = len(self.tokens) - common
         if drop and not all(c.is_trimmable() for c in self.cache):
             self.cache, common, drop = make_cache(self.model, self.kv_bits, self.kv_group_size), 0, 0
-            self._compile()
         for c in self.cache:
             if drop:
                 c.trim(drop)
-        self.mtp_cache = make_cache(self.model, capacity=256)[: len(self.model.mtp)]  # MTP state restarts per call
-        self._compile()
+        self.mtp_cache = make_cache(self.model, capacity=64)[: len(self.model.mtp)]  # MTP state restarts per call
         self.tokens = self.tokens[:common]
         return prompt[common:]
 
@@ -224,7 +280,7 @@ def _sample(logits: mx.array, history: mx.array, sampler, processors) -> mx.arra
 def _plain_tokens(model, prompt, pc: PromptCache, sampler, processors, taker) -> Iterator[list[int]]:
     """Yields one token at a time; the next forward pass is queued before the current token is used."""
     history = mx.array(prompt)
-    hidden = model.model(mx.array(prompt)[None], pc.cache, last_only=True)
+    hidden = pc.prefill(mx.array(prompt)[None], last_only=True)
     y = _sample(model.logits(hidden[:, -1, :]), history[None], sampler, processors)
     mx.async_eval(y)
     position = len(prompt) - 1
@@ -245,7 +301,7 @@ def _mtp_tokens(model, prompt, pc: PromptCache, sampler, processors, taker, stat
     distribution and the draft kept only if it equals it, so outputs are exactly those of plain decoding
     (greedy: token-identical; sampled: the same distribution). The draft is the MTP module's argmax.
     """
-    hidden = model.model(mx.array(prompt)[None], pc.cache)  # [1, L, D], final-normed
+    hidden = pc.prefill(mx.array(prompt)[None])  # [1, L, D], final-normed
     history = mx.array(prompt)
     y = _sample(model.logits(hidden[:, -1, :]), history[None], sampler, processors)
     if taker:

@@ -12,7 +12,7 @@ import json
 import re
 import struct
 from pathlib import Path
-from typing import Iterable, Iterator, Optional
+from typing import Callable, Iterable, Iterator, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -27,6 +27,7 @@ class CheckpointError(ValueError):
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 MTP_FILE = "mtp.safetensors"  # MLX layout: MTP modules live apart so mlx-lm never sees them
+_MTP_SHARD = re.compile(r"mtp-\d+-of-\d+\.safetensors$")  # the MTP file split in shards (large models)
 
 _SAFETENSORS_DTYPES = {
     "F32": 4, "F16": 2, "BF16": 2, "F64": 8, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
@@ -81,7 +82,7 @@ def weight_files(folder: Path) -> list[Path]:
         if missing:
             raise CheckpointError(f"{index}: names shard(s) that are not in the folder: {', '.join(missing)}")
         return files
-    files = sorted(p for p in folder.glob("*.safetensors") if p.name != MTP_FILE)
+    files = sorted(p for p in folder.glob("*.safetensors") if p.name != MTP_FILE and not _MTP_SHARD.match(p.name))
     if not files:
         pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
         if pickles:
@@ -95,12 +96,20 @@ def weight_files(folder: Path) -> list[Path]:
     return files
 
 
+def mtp_files(folder: Path) -> list[Path]:
+    """The MLX layout's MTP weights: `mtp.safetensors`, or `mtp-0000K-of-0000N.safetensors` shards."""
+    folder = Path(folder)
+    single = folder / MTP_FILE
+    return [single] if single.exists() else sorted(p for p in folder.glob("mtp-*.safetensors") if _MTP_SHARD.match(p.name))
+
+
 def iter_safetensors(files: Iterable[Path]) -> Iterator[tuple[str, mx.array]]:
     """(name, lazy array) for every tensor, one shard after another."""
     for path in files:
         read_header(path)
-        for name, array in mx.load(str(path)).items():
-            yield name, array
+        arrays = mx.load(str(path))
+        for name in list(arrays):
+            yield name, arrays.pop(name)  # dropped here, so a consumed tensor's memory can go
 
 
 # ---- hub names -> MLX names ----------------------------------------------------------------------
@@ -151,6 +160,7 @@ def hf_to_mlx(
     args: ModelArgs,
     dtype: Optional[mx.Dtype] = None,
     problems: Optional[list[str]] = None,
+    expert_transform: Optional[Callable[[str, mx.array], Iterable[tuple[str, mx.array]]]] = None,
 ) -> Iterator[tuple[str, mx.array]]:
     """Stream hub-named tensors out as MLX-named ones; already-MLX names pass through unchanged.
 
@@ -158,6 +168,8 @@ def hf_to_mlx(
     weights until their `weight_scale_inv` did. `dtype` casts floating tensors (the router's correction
     bias stays float32); None keeps stored float dtypes and dequantizes FP8 to bfloat16. Tensors left
     incomplete at the end are described in `problems` (or raised as a CheckpointError if it is None).
+    `expert_transform(name, tensor)` may replace each per-expert tensor before stacking (the converter
+    quantizes expert by expert there, so a layer's float experts are never stacked in memory).
     """
     table = key_map(args)
     experts: dict[tuple, dict[int, mx.array]] = {}
@@ -171,13 +183,17 @@ def hf_to_mlx(
         return a.astype(dtype)
 
     def emit(name: str, a: mx.array) -> Iterator[tuple[str, mx.array]]:
-        if (m := _EXPERT.match(name)) is not None:
-            key = (m.group(1), m.group(3), m.group(4))
-            group = experts.setdefault(key, {})
-            group[int(m.group(2))] = a
-            if len(group) == args.n_routed_experts:
-                del experts[key]
-                yield f"{key[0]}.switch_mlp.{key[1]}.{key[2]}", mx.stack([group[e] for e in range(len(group))])
+        if _EXPERT.match(name) is not None:
+            a = cast(name, a)
+            for name, a in expert_transform(name, a) if expert_transform else ((name, a),):
+                m = _EXPERT.match(name)
+                key = (m.group(1), m.group(3), m.group(4))
+                group = experts.setdefault(key, {})
+                group[int(m.group(2))] = a
+                if len(group) == args.n_routed_experts:
+                    del experts[key]
+                    stacked = mx.stack([group.pop(e) for e in range(args.n_routed_experts)])
+                    yield f"{key[0]}.switch_mlp.{key[1]}.{key[2]}", stacked
         elif (m := _KV_B.match(name)) is not None:
             parts = kv_b.setdefault(m.group(1), {})
             parts[m.group(2)] = a
@@ -231,6 +247,63 @@ def split_kv_b(prefix: str, parts: dict, args: ModelArgs) -> Iterator[tuple[str,
         yield f"{prefix}.{name}.weight", m
 
 
+def join_kv_b(w_uk: mx.array, w_uv: mx.array) -> mx.array:
+    """The inverse of `split_kv_b`: embed_q [H, r, d_nope] and unembed_out [H, d_v, r] -> kv_b_proj
+    [H*(d_nope+d_v), r] (float; a pure re-arrangement, so exact)."""
+    return mx.concatenate([w_uk.swapaxes(-1, -2), w_uv], axis=1).reshape(-1, w_uv.shape[-1])
+
+
+# ---- MLX names -> hub names ----------------------------------------------------------------------
+_SWITCH = re.compile(r"(.*\.mlp)\.switch_mlp\.(gate_proj|up_proj|down_proj)\.weight$")
+_SPLIT_KV = re.compile(r"(.*\.self_attn)\.(embed_q|unembed_out)\.weight$")
+_MTP = re.compile(r"mtp\.(\d+)\.")
+
+
+def mlx_to_hf(tensors: Iterable[tuple[str, mx.array]], args: ModelArgs) -> Iterator[tuple[str, mx.array]]:
+    """Stream float MLX-named tensors (as `hf_to_mlx` yields them) out in the hub layout: per-expert
+    tensors, MLA's `kv_b_proj` as one matrix, MTP module k as `model.layers.{N+k}.*` with its own copies
+    of the main model's `embed_tokens` and `shared_head.head` (as the DeepSeek-V3 release stores them)."""
+    n = args.num_hidden_layers
+    pending: dict[str, dict[str, mx.array]] = {}
+
+    def hub(name: str) -> str:
+        m = _MTP.match(name)
+        if m is None:
+            return name
+        layer, rest = f"model.layers.{n + int(m.group(1))}.", name[m.end():]
+        if rest.startswith("block."):
+            return layer + rest[len("block."):]
+        if rest.startswith("norm."):
+            return layer + "shared_head." + rest
+        return layer + rest  # enorm, hnorm, eh_proj
+
+    for name, a in tensors:
+        if a.dtype == mx.uint32:
+            raise CheckpointError(f"{name}: quantized; dequantize before writing the hub layout")
+        if (m := _SWITCH.match(name)) is not None:
+            prefix, proj = hub(m.group(1)), m.group(2)
+            for e in range(a.shape[0]):
+                yield f"{prefix}.experts.{e}.{proj}.weight", a[e]
+        elif (m := _SPLIT_KV.match(name)) is not None:
+            parts = pending.setdefault(m.group(1), {})
+            parts[m.group(2)] = a
+            if len(parts) == 2:
+                del pending[m.group(1)]
+                yield hub(m.group(1)) + ".kv_b_proj.weight", join_kv_b(parts["embed_q"], parts["unembed_out"])
+        else:
+            yield hub(name), a
+            copies = []
+            if name == "model.embed_tokens.weight":
+                copies = ["embed_tokens"] + (["shared_head.head"] if args.tie_word_embeddings else [])
+            elif name == "lm_head.weight":
+                copies = ["shared_head.head"]
+            for k in range(args.num_nextn_predict_layers):
+                for c in copies:
+                    yield f"model.layers.{n + k}.{c}.weight", a
+    if pending:
+        raise CheckpointError("incomplete MLA attention (embed_q without unembed_out or back): " + ", ".join(pending))
+
+
 # ---- into a model --------------------------------------------------------------------------------
 def quantize_like(model: nn.Module, quantization: dict, names: set[str]) -> None:
     """Turn the layers that the checkpoint stores quantized (those with `.scales`) into quantized layers."""
@@ -277,8 +350,7 @@ def read_weights(
 ) -> dict[str, mx.array]:
     """All weights of a checkpoint folder in MLX names, lazily (nothing is read until evaluated)."""
     files = weight_files(folder)
-    if (folder / MTP_FILE).exists():
-        files.append(folder / MTP_FILE)
+    files += [f for f in mtp_files(folder) if f not in files]
     return dict(hf_to_mlx(iter_safetensors(files), args, dtype, problems))
 
 

@@ -175,3 +175,16 @@ def test_generate_command_json(v3, capsys, tmp_path):
         assert key in d
     assert d["generation_tokens"] == 6 and len(d["experts"]["experts"]) == 6
     assert sum(d["experts"]["load"][0]) == 6 * model.args.num_experts_per_tok
+
+
+def test_compiled_decoding_sees_changed_weights(v3):
+    """The compiled decode graph takes the weights as inputs: fine-tuned weights take effect at once."""
+    from mlx_deepseek import load_model
+    from conftest import FIXTURES
+    from mlx_deepseek.generate import generate_tokens
+
+    model = load_model(FIXTURES / "deepseek_v3", dtype="float32")
+    before = [t for new in generate_tokens(model, PROMPT, max_tokens=6) for t in new]
+    model.lm_head.weight = model.lm_head.weight.at[42].add(100.0)
+    after = [t for new in generate_tokens(model, PROMPT, max_tokens=6) for t in new]
+    assert before != after and after == [42] * 6

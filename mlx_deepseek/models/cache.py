@@ -27,6 +27,13 @@ class StaticKVCache:
             "offset": mx.array(0, mx.int32),
         }
 
+    @classmethod
+    def wrap(cls, state: dict) -> "StaticKVCache":
+        """A cache over existing state (inside a compiled step)."""
+        cache = cls.__new__(cls)
+        cache.state = dict(state)
+        return cache
+
     @property
     def offset(self) -> mx.array:
         return self.state["offset"]
