@@ -23,19 +23,13 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
+from mlx_deepseek.bench import V2_LITE_SHAPE
+
 from .pipeline import parse_size
 
-# deepseek-ai/DeepSeek-V2-Lite's widths, as a deepseek_v3 config (so the FP8 release format applies; mlx-lm
-# reads both). No MTP layer: mlx-lm's deepseek_v3 drops only `model.layers.61`, so it could not load one here.
-V2_LITE = dict(
-    model_type="deepseek_v3", architectures=["DeepseekV3ForCausalLM"], vocab_size=102400, hidden_size=2048,
-    intermediate_size=10944, moe_intermediate_size=1408, num_attention_heads=16, num_key_value_heads=16,
-    n_shared_experts=2, n_routed_experts=64, num_experts_per_tok=6, routed_scaling_factor=1.0, kv_lora_rank=512,
-    q_lora_rank=None, qk_rope_head_dim=64, v_head_dim=128, qk_nope_head_dim=128, topk_method="noaux_tc",
-    scoring_func="sigmoid", n_group=1, topk_group=1, norm_topk_prob=True, first_k_dense_replace=1,
-    rms_norm_eps=1e-6, max_position_embeddings=163840, rope_theta=10000.0, num_nextn_predict_layers=0,
-    tie_word_embeddings=False, torch_dtype="bfloat16",
-)
+# DeepSeek-V2-Lite's widths as a deepseek_v3 config (so the FP8 release format applies; mlx-lm reads
+# both). No MTP layer: mlx-lm's deepseek_v3 drops only `model.layers.61`, so it could not load one here.
+V2_LITE = dict(V2_LITE_SHAPE, architectures=["DeepseekV3ForCausalLM"], num_nextn_predict_layers=0, torch_dtype="bfloat16")
 _DTYPE_NAMES = {mx.bfloat16: "BF16", mx.float32: "F32", mx.uint8: "F8_E4M3"}
 
 

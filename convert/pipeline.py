@@ -403,8 +403,6 @@ def output_config(args: ModelArgs, dtype: str, block: Optional[dict], drop_mtp: 
     for key in ("quantization", "quantization_config", "dtype"):
         config.pop(key, None)
     config["torch_dtype"] = dtype
-    if args.uses_mla and args.q_lora_rank is None:
-        config["q_lora_rank"] = None  # to_dict drops None, and the V2/V3 default (1536) would come back
     if drop_mtp:
         config["num_nextn_predict_layers"] = 0
     config.setdefault("architectures", [ARCHITECTURES[args.model_type]])

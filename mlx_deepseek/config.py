@@ -211,7 +211,8 @@ class ModelArgs:
             rs = dict(self.rope_scaling)
             rs["type"] = rs.pop("rope_type")
             out["rope_scaling"] = rs
-        return {k: v for k, v in out.items() if v is not None}
+        # null is kept where it means something: an MLA model without q compression (V2-Lite)
+        return {k: v for k, v in out.items() if v is not None or (k == "q_lora_rank" and self.uses_mla)}
 
     # ---- validation --------------------------------------------------------------------------
     def _check(self) -> None:

@@ -6,7 +6,6 @@ from pathlib import Path
 from typing import Optional, Union
 
 import mlx.core as mx
-import mlx.nn as nn
 
 from .config import ModelArgs
 from .models import Model

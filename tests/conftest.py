@@ -30,6 +30,19 @@ def write_tokenizer(folder: Path, vocab_size: int = 128) -> None:
     ))
 
 
+def offline_hub(root: Path, repo_id: str, fixture: str) -> dict:
+    """A Hugging Face cache under `root` holding `fixture` as `repo_id`; returns the environment of a
+    process that must find it offline (HF_HUB_OFFLINE=1, HF_HUB_CACHE=root)."""
+    import os
+
+    repo = root / ("models--" + repo_id.replace("/", "--"))
+    commit = "a" * 40
+    shutil.copytree(FIXTURES / fixture, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(root)}
+
+
 @pytest.fixture
 def fixture_copy(tmp_path):
     """A writable copy of a golden fixture folder."""

@@ -1,7 +1,6 @@
 """convert/: every golden fixture through the converter, read back by this project AND by mlx-lm."""
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -9,7 +8,7 @@ import sys
 import mlx.core as mx
 import numpy as np
 import pytest
-from conftest import FAMILY_FIXTURES, FIXTURES, relative_error, write_tokenizer
+from conftest import FAMILY_FIXTURES, FIXTURES, offline_hub, relative_error, write_tokenizer
 
 from convert import ConvertError, convert
 from convert.recipes import RECIPES
@@ -249,12 +248,7 @@ def test_quantized_model_to_hf(tmp_path):
 
 # ---- hub id, atomic writes, bad input --------------------------------------------------------------------
 def test_hub_id_from_offline_cache(tmp_path):
-    repo = tmp_path / "hub" / "models--deepseek-ai--tiny-v2"
-    snapshot = repo / "snapshots" / ("b" * 40)
-    shutil.copytree(FIXTURES / "deepseek_v2_lite", snapshot)
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text("b" * 40)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub")}
+    env = offline_hub(tmp_path / "hub", "deepseek-ai/tiny-v2", "deepseek_v2_lite")
     dst = tmp_path / "out"
     cmd = [sys.executable, "-m", "mlx_deepseek.cli", "convert", "deepseek-ai/tiny-v2", "-o", str(dst), "--dtype", "float32"]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True)

@@ -1,15 +1,12 @@
 """load / load_model: local folders, hub ids through a local Hugging Face cache (offline), tokenizers."""
 
-import json
-import os
-import shutil
 import subprocess
 import sys
 
 import mlx.core as mx
 import numpy as np
 import pytest
-from conftest import FIXTURES, relative_error, write_tokenizer
+from conftest import FIXTURES, offline_hub, relative_error, write_tokenizer
 
 from mlx_deepseek import load, load_model
 from mlx_deepseek.tokenizer import TokenizerError
@@ -31,11 +28,6 @@ def test_load_without_tokenizer_says_what_to_do(fixture_copy):
 
 def test_hub_id_from_offline_cache(tmp_path):
     """A hub id resolves through huggingface_hub's cache with HF_HUB_OFFLINE=1 (no network is touched)."""
-    repo = tmp_path / "hub" / "models--deepseek-ai--tiny-v3"
-    snapshot = repo / "snapshots" / ("a" * 40)
-    shutil.copytree(FIXTURES / "deepseek_v3", snapshot)
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text("a" * 40)
     script = (
         "import mlx.core as mx, numpy as np, mlx_deepseek;"
         "m = mlx_deepseek.load_model('deepseek-ai/tiny-v3', dtype='float32');"
@@ -43,7 +35,7 @@ def test_hub_id_from_offline_cache(tmp_path):
         "out = np.array(m(mx.array(ref['input_ids'])));"
         "print(float(np.abs(out - ref['logits']).max() / np.abs(ref['logits']).max()))"
     )
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub")}
+    env = offline_hub(tmp_path / "hub", "deepseek-ai/tiny-v3", "deepseek_v3")
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert float(done.stdout.strip()) < 1e-4
