@@ -1,0 +1,72 @@
+"""Pretraining from scratch on the synthetic task corpus (packed; loss on every token).
+
+`pretrain(out, ...)` builds a model from a config (default: the nano-r1 config shipped in
+`mlx_deepseek/assets/nano-r1-config.json`), initialises it, and runs the shared loop (`loop.Trainer`):
+next-token + MTP loss, aux-loss-free bias balancing, optional balance losses, checkpoints and resume.
+The tokenizer is taken from `tokenizer` (a folder) or trained into `out/tokenizer` first.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional, Union
+
+import mlx.core as mx
+
+from ..config import ModelArgs
+from ..models import Model
+from ..tokenizer import load_tokenizer
+from .loop import STATE_FILE, TrainConfig, Trainer, init_weights
+
+NANO_CONFIG = Path(__file__).resolve().parent.parent / "assets" / "nano-r1-config.json"
+
+
+def model_config(config: Union[None, str, Path, dict], vocab_size: int) -> dict:
+    """The model config (a dict, a JSON file or a folder with config.json), its vocab fitted to the tokenizer."""
+    if config is None:
+        config = NANO_CONFIG
+    if not isinstance(config, dict):
+        path = Path(config)
+        config = json.loads((path / "config.json" if path.is_dir() else path).read_text())
+    config = dict(config)
+    if config.get("vocab_size") != vocab_size:
+        config["vocab_size"] = vocab_size
+    ModelArgs.from_dict(config)  # checks it
+    return config
+
+
+def ensure_tokenizer(out: Path, tokenizer: Union[None, str, Path], vocab_size: int = 768, seed: int = 0) -> Path:
+    """The tokenizer folder to use: `tokenizer` as given, or out/tokenizer (trained there if missing)."""
+    if tokenizer is not None:
+        return Path(tokenizer)
+    folder = Path(out) / "tokenizer"
+    if not (folder / "tokenizer.json").exists():
+        from .vocab import train_tokenizer
+
+        train_tokenizer(folder, vocab_size=vocab_size, seed=seed, overwrite=True)
+    return folder
+
+
+def pretrain(
+    out: Union[str, Path],
+    cfg: Optional[TrainConfig] = None,
+    config: Union[None, str, Path, dict] = None,
+    tokenizer: Union[None, str, Path] = None,
+    resume: bool = False,
+    progress: bool = True,
+) -> Path:
+    """Pretrain a model into `out`; returns out/model (the final model folder)."""
+    cfg = cfg or TrainConfig()
+    out = Path(out)
+    if out.exists() and any((out / "checkpoints").glob(f"step-*/{STATE_FILE}")) and not resume:
+        raise ValueError(f"{out} holds checkpoints of an earlier run; pass resume=True (--resume) or a new folder")
+    out.mkdir(parents=True, exist_ok=True)
+    tok_dir = ensure_tokenizer(out, tokenizer)
+    tok = load_tokenizer(tok_dir)
+    args = ModelArgs.from_dict(model_config(config, len(tok)))
+    mx.random.seed(cfg.seed)
+    model = Model(args)
+    init_weights(model, cfg.seed)
+    trainer = Trainer(model, tok, cfg, out, progress=progress, tokenizer_dir=tok_dir)
+    return trainer.run(resume=resume)
