@@ -216,6 +216,25 @@ def _add_train_parser(sub) -> None:
     common(sft)
 
 
+def cmd_eval(a: argparse.Namespace) -> int:
+    from . import load
+    from .evaluate import evaluate
+
+    model, tokenizer = load(a.model)
+    r = evaluate(model, tokenizer, a.task, a.split, a.n, a.batch_size, a.max_tokens, a.speed_samples)
+    if a.json:
+        print(json.dumps(r))
+        return 0
+    print(f"{a.task} ({a.split}, {r['n']} problems, greedy): accuracy {r['accuracy']:.1%}, format {r['format']:.1%}, "
+          f"language {r['language']:.1%}")
+    print(f"decode {r['decode_tps']:.1f} tok/s" + (
+        f"; MTP acceptance {r['mtp_acceptance']:.1%}, {r['mtp_decode_tps']:.1f} tok/s ({r['mtp_speedup']:.2f}x)"
+        if "mtp_acceptance" in r else ""))
+    if "expert_load_max_over_mean" in r:
+        print("expert load max/mean per MoE layer: " + ", ".join(f"{x:.2f}" for x in r["expert_load_max_over_mean"]))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mlx-deepseek", description="The DeepSeek model family in MLX.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -264,6 +283,17 @@ def build_parser() -> argparse.ArgumentParser:
     conv.set_defaults(func=cmd_convert)
 
     _add_train_parser(sub)
+
+    ev = sub.add_parser("eval", help="accuracy, format, language, MTP acceptance and expert balance on a task")
+    ev.add_argument("--model", default=None, help="model folder or hub id (default: the bundled nano-r1)")
+    ev.add_argument("--task", default="arithmetic", choices=("arithmetic",))
+    ev.add_argument("--split", default="heldout", choices=("heldout", "hard", "train"))
+    ev.add_argument("--n", type=int, default=200, help="problems")
+    ev.add_argument("--batch-size", type=int, default=50)
+    ev.add_argument("--max-tokens", type=int, default=400)
+    ev.add_argument("--speed-samples", type=int, default=10, help="problems also decoded one by one, with and without MTP")
+    ev.add_argument("--json", action="store_true")
+    ev.set_defaults(func=cmd_eval)
 
     # `bench X`: each benchmark registers a sub-parser here (measured side by side with mlx-lm).
     bench = sub.add_parser("bench", help="measure this project against mlx-lm on the same checkpoint")

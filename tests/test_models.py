@@ -111,3 +111,14 @@ def test_correction_bias_changes_routing_but_not_gate_weights():
     assert sorted(inds.tolist()[0]) == [0, 3]
     chosen = dict(zip(inds.tolist()[0], w.tolist()[0]))
     assert abs(chosen[0] - 0.5) < 1e-6  # sigmoid(0), not sigmoid(0) + bias
+
+
+@pytest.mark.parametrize("name", ["deepseek_v3", "deepseek_v3_fp8", "deepseek_v2_lite", "deepseek_v2_group"])
+@pytest.mark.parametrize("absorb_below", [0, float("inf")])
+def test_mla_absorbed_and_expanded_paths_both_match(name, absorb_below):
+    """MLA picks absorbed or expanded attention by length; each alone must match the reference."""
+    ids, ref = reference(name)
+    model = load_model(FIXTURES / name, dtype="float32")
+    for layer in model.layers:
+        layer.self_attn.absorb_below = absorb_below
+    assert relative_error(model(mx.array(ids)), ref) < 1e-4

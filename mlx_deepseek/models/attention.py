@@ -47,9 +47,11 @@ class MultiHeadLatentAttention(nn.Module):
     c_Q  = RMSNorm(W_DQ h),  [q_nope; q_pe] = W_UQ c_Q (q_a_proj, q_a_layernorm, q_b_proj; or q_proj)
     k_nope = W_UK c_KV (`embed_q`), v = W_UV c_KV (`unembed_out`)
 
-    The cache holds only c_KV and k_pe per token. Decoding absorbs W_UK into the query
-    (q_nope W_UK scores directly against c_KV) and applies W_UV after attention; prefill
-    expands k_nope and v from the latent. Both give the same scores q_nope.k_nope + q_pe.k_pe.
+    The cache holds only c_KV and k_pe per token. Few new tokens (decoding, speculative
+    verification) absorb W_UK into the query (q_nope W_UK scores directly against c_KV) and apply
+    W_UV after attention; many (prefill) expand k_nope and v from the latent. Both give the same
+    scores q_nope.k_nope + q_pe.k_pe; `absorb_below` is where their costs cross (per key and head,
+    absorbed attention costs L*2r, expansion r*(d_nope+d_v) + L*(d_nope+d_v)).
     """
 
     def __init__(self, args: ModelArgs):
@@ -75,6 +77,8 @@ class MultiHeadLatentAttention(nn.Module):
         self.unembed_out = MultiLinear(self.kv_lora_rank, args.v_head_dim, self.n_heads)  # W_UV per head
         self.o_proj = nn.Linear(self.n_heads * args.v_head_dim, dim, bias=bias)
         self.rope = make_rope(args, self.qk_rope_head_dim, traditional=True)
+        r, dv = self.kv_lora_rank, args.qk_nope_head_dim + args.v_head_dim
+        self.absorb_below = r * dv / (2 * r - dv) if 2 * r > dv else float("inf")
 
     def __call__(self, x: mx.array, mask: Optional[mx.array], cache: Optional[Any] = None) -> mx.array:
         B, L, _ = x.shape
@@ -99,7 +103,7 @@ class MultiHeadLatentAttention(nn.Module):
         if mask is not None:
             pe_scores = mx.where(mask, pe_scores, mx.array(mx.finfo(pe_scores.dtype).min, pe_scores.dtype))
 
-        if L == 1:  # absorbed: attend in the latent space, then project out with W_UV
+        if L < self.absorb_below:  # absorbed: attend in the latent space, then project out with W_UV
             out = mx.fast.scaled_dot_product_attention(self.embed_q(q_nope), c_kv, c_kv, scale=self.scale, mask=pe_scores)
             out = self.unembed_out(out)
         else:  # expanded: per-head keys and values from the latent
