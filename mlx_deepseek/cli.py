@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 import json
 import sys
 
@@ -91,7 +92,7 @@ def cmd_generate(a: argparse.Namespace) -> int:
         out["experts"] = trace
         print(json.dumps(out, ensure_ascii=False))
         return 0
-    print()
+    print(flush=True)
     line = (
         f"prompt: {result.prompt_tokens} tokens, {result.prompt_tps:.1f} tok/s | generation: "
         f"{result.generation_tokens} tokens, {result.generation_tps:.1f} tok/s | peak memory {result.peak_memory_gb:.3f} GB"
@@ -146,6 +147,12 @@ _TRAIN_SETTINGS = (  # flag -> TrainConfig field, for `train pretrain` and `trai
 
 
 def cmd_train(a: argparse.Namespace) -> int:
+    if a.train == "plot":
+        from .train.plot import plot_runs
+
+        runs = [(Path(m).parent.name, Path(m)) for m in a.metrics]
+        print(f"wrote {plot_runs(runs, Path(a.output))}")
+        return 0
     if a.train == "tokenizer":
         from .train.vocab import train_tokenizer
 
@@ -173,6 +180,10 @@ def cmd_train(a: argparse.Namespace) -> int:
 def _add_train_parser(sub) -> None:
     train = sub.add_parser("train", help="train nano-r1 style models: tokenizer, pretrain, sft")
     kinds = train.add_subparsers(dest="train", required=True)
+    plot = kinds.add_parser("plot", help="training curves of runs (metrics.jsonl files, in order) as a PNG")
+    plot.add_argument("metrics", nargs="+", help="metrics.jsonl of each run")
+    plot.add_argument("-o", "--output", required=True, help="PNG file")
+    plot.set_defaults(func=cmd_train)
     tok = kinds.add_parser("tokenizer", help="train the sentencepiece tokenizer on the synthetic task corpus")
     tok.add_argument("--out", required=True, help="tokenizer folder (written atomically)")
     tok.add_argument("--vocab-size", type=int, default=768)

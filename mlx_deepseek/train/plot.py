@@ -1,0 +1,38 @@
+"""Training curves (loss, MTP loss, expert load) from one or more runs' metrics.jsonl, as a PNG.
+
+Needs matplotlib, which only this plot uses: `pip install matplotlib`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def plot_runs(runs: list[tuple[str, Path]], out: Path) -> Path:
+    """runs: (label, metrics.jsonl) in training order; steps of later runs continue the x axis."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise ValueError("plotting needs matplotlib: pip install matplotlib") from None
+    fig, (loss_ax, load_ax) = plt.subplots(1, 2, figsize=(11, 4))
+    offset = 0
+    for label, path in runs:
+        rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+        steps = [offset + r["step"] for r in rows]
+        loss_ax.plot(steps, [r["ce"] for r in rows], label=f"{label}: next-token CE")
+        loss_ax.plot(steps, [r["mtp_ce"] for r in rows], "--", label=f"{label}: MTP CE")
+        load_ax.plot(steps, [r["load_max_mean_worst"] for r in rows], label=label)
+        offset = steps[-1] if steps else offset
+    loss_ax.set(xlabel="step", ylabel="cross-entropy (nats)", yscale="log", title="loss")
+    load_ax.set(xlabel="step", ylabel="max / mean expert load (worst layer)", title="expert balance")
+    load_ax.axhline(2.0, color="grey", lw=0.8, ls=":")
+    for ax in (loss_ax, load_ax):
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    return Path(out)
