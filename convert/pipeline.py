@@ -32,6 +32,7 @@ from mlx_deepseek.config import FAMILIES, ModelArgs
 from mlx_deepseek.loading import DTYPES, resolve
 from mlx_deepseek.models import Model
 from mlx_deepseek.weights import (
+    atomic_folder,
     CheckpointError,
     hf_to_mlx,
     iter_safetensors,
@@ -43,7 +44,7 @@ from mlx_deepseek.weights import (
 )
 
 from . import recipes
-from .writer import ConvertError, ShardWriter, atomic_folder
+from .writer import ConvertError, ShardWriter
 
 TOKENIZER_FILES = (
     "tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt", "*.model",

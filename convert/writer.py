@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
-import os
-import shutil
 from pathlib import Path
-from typing import Iterator
 
 import mlx.core as mx
 
@@ -56,29 +52,3 @@ class ShardWriter:
             path.rename(self.folder / final)
             weight_map.update({k: final for k in names})
         return weight_map
-
-
-@contextlib.contextmanager
-def atomic_folder(dst: Path, overwrite: bool) -> Iterator[Path]:
-    """A temporary folder beside `dst` to write into; renamed to `dst` when the block ends normally,
-    removed on any exception (KeyboardInterrupt included), so `dst` is either complete or absent."""
-    dst = Path(dst)
-    if dst.exists() and not overwrite:
-        raise ConvertError(f"{dst}: already exists; pass --overwrite to replace it")
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.parent / f".{dst.name}.partial-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    try:
-        yield tmp
-        if dst.exists():  # --overwrite: the old folder goes only once the new one is complete
-            old = dst.parent / f".{dst.name}.old-{os.getpid()}"
-            dst.rename(old)
-            tmp.rename(dst)
-            shutil.rmtree(old) if old.is_dir() else old.unlink()
-        else:
-            tmp.rename(dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise

@@ -337,7 +337,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError) as e:  # ConfigError, CheckpointError and bad paths
+    except (ValueError, FileNotFoundError, FileExistsError) as e:  # ConfigError, CheckpointError, bad paths
         print(f"mlx-deepseek {args.command}: error: {e}", file=sys.stderr)
         return 2
 

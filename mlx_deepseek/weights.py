@@ -8,8 +8,11 @@ No code from a checkpoint ever runs: pickle weights are refused and `trust_remot
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import re
+import shutil
 import struct
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Optional
@@ -355,6 +358,32 @@ def read_weights(
 
 
 # ---- writing --------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def atomic_folder(dst: Path, overwrite: bool = True) -> Iterator[Path]:
+    """A temporary folder beside `dst` to write into; renamed to `dst` when the block ends normally,
+    removed on any exception (KeyboardInterrupt included), so `dst` is either complete or absent."""
+    dst = Path(dst)
+    if dst.exists() and not overwrite:
+        raise FileExistsError(f"{dst}: already exists; pass --overwrite to replace it")
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.parent / f".{dst.name}.partial-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        yield tmp
+        if dst.exists():  # --overwrite: the old folder goes only once the new one is complete
+            old = dst.parent / f".{dst.name}.old-{os.getpid()}"
+            dst.rename(old)
+            tmp.rename(dst)
+            shutil.rmtree(old) if old.is_dir() else old.unlink()
+        else:
+            tmp.rename(dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def save_model(model: nn.Module, folder: Path, config: dict) -> None:
     """Write a model in the MLX layout: config.json, model.safetensors (what mlx-lm reads) and, when the
     model has MTP modules, mtp.safetensors. The caller makes the write atomic (a temporary folder)."""

@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field, fields
 from functools import partial
@@ -32,7 +31,7 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
-from ..weights import save_model
+from ..weights import atomic_folder, save_model
 from . import balance
 from .data import PackedBatches
 
@@ -236,8 +235,7 @@ class Trainer:
         """checkpoints/step-NNNNNNN, written to a temporary folder and renamed; older ones pruned."""
         final = self.checkpoint_dir / f"step-{self.step:07d}"
         self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=self.checkpoint_dir))
-        try:
+        with atomic_folder(final) as tmp:
             self._write_model(tmp)
             (tmp / STATE_FILE).parent.mkdir()
             mx.save_safetensors(str(tmp / OPTIMIZER_FILE), dict(tree_flatten(self.optimizer.state)))
@@ -248,12 +246,6 @@ class Trainer:
                 "train_config": asdict(self.cfg),
             }
             (tmp / STATE_FILE).write_text(json.dumps(state))
-            if final.exists():
-                shutil.rmtree(final)
-            tmp.rename(final)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         for old in self.checkpoints()[: -self.cfg.keep_checkpoints]:
             shutil.rmtree(old, ignore_errors=True)
         return final
@@ -303,15 +295,8 @@ class Trainer:
     def save_final(self) -> Path:
         """out/model: the trained model folder (no optimizer state), written atomically."""
         final = self.out / "model"
-        tmp = Path(tempfile.mkdtemp(prefix=".model.", dir=self.out))
-        try:
+        with atomic_folder(final) as tmp:
             self._write_model(tmp)
-            if final.exists():
-                shutil.rmtree(final)
-            tmp.rename(final)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         return final
 
     # ---- the loop ------------------------------------------------------------------------------

@@ -12,12 +12,12 @@ from __future__ import annotations
 import io
 import json
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Iterable, Optional
 
 from ..chat import ASSISTANT, BOS, END_THINK, EOS, THINK, USER
 from ..tokenizer import read_sentencepiece, sentencepiece_to_tokenizers
+from ..weights import atomic_folder
 from . import tasks
 
 USER_SYMBOLS = (BOS, EOS, USER, ASSISTANT, THINK, END_THINK, "\n")
@@ -63,16 +63,8 @@ def train_tokenizer(
         character_coverage=1.0, unk_id=0, bos_id=-1, eos_id=-1, pad_id=-1, max_sentence_length=1 << 20,
         num_threads=1, minloglevel=2,
     )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_folder(out) as tmp:
         write_tokenizer_files(tmp, model.getvalue())
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
