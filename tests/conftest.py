@@ -53,3 +53,18 @@ def fixture_copy(tmp_path):
         return dst
 
     return copy
+
+
+@pytest.fixture(scope="session")
+def tok_dir(tmp_path_factory):
+    """A sentencepiece tokenizer trained on the synthetic tasks (vocab 512), shared by the tests."""
+    from mlx_deepseek.train.vocab import train_tokenizer
+
+    return train_tokenizer(tmp_path_factory.mktemp("tok") / "tokenizer", vocab_size=512, n_texts=2000)
+
+
+@pytest.fixture(scope="session")
+def tok(tok_dir):
+    from mlx_deepseek.tokenizer import load_tokenizer
+
+    return load_tokenizer(tok_dir)

@@ -12,7 +12,6 @@ from mlx_deepseek.config import ModelArgs
 from mlx_deepseek.models import Model
 from mlx_deepseek.tokenizer import load_tokenizer
 from mlx_deepseek.train import tasks
-from mlx_deepseek.train.vocab import train_tokenizer
 from mlx_deepseek.weights import save_model
 
 SPECIALS = (BOS, EOS, USER, ASSISTANT, THINK, END_THINK)
@@ -23,15 +22,6 @@ TEXTS = [
     "\n\nnewlines\n",
 ]
 
-
-@pytest.fixture(scope="module")
-def tok_dir(tmp_path_factory):
-    return train_tokenizer(tmp_path_factory.mktemp("tok") / "tokenizer", vocab_size=512, n_texts=2000)
-
-
-@pytest.fixture(scope="module")
-def tok(tok_dir):
-    return load_tokenizer(tok_dir)
 
 
 def test_files_and_config(tok_dir, tok):

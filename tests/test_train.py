@@ -18,7 +18,6 @@ from mlx_deepseek.train.data import PackedBatches, encode_example
 from mlx_deepseek.train.loop import TrainConfig, Trainer, init_weights, masked_cross_entropy, read_metrics
 from mlx_deepseek.train.pretrain import NANO_CONFIG, pretrain
 from mlx_deepseek.train.sft import sft, sft_config
-from mlx_deepseek.train.vocab import train_tokenizer
 from mlx_deepseek.tokenizer import load_tokenizer
 
 TINY = {
@@ -30,15 +29,6 @@ TINY = {
 }
 FAST = dict(batch_size=4, seq_len=48, warmup=2, log_every=1, eval_every=0, compile=False)
 
-
-@pytest.fixture(scope="module")
-def tok_dir(tmp_path_factory):
-    return train_tokenizer(tmp_path_factory.mktemp("tok") / "tokenizer", vocab_size=512, n_texts=1500)
-
-
-@pytest.fixture(scope="module")
-def tok(tok_dir):
-    return load_tokenizer(tok_dir)
 
 
 def tiny_model(seed=0, **changes):
