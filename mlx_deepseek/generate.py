@@ -432,9 +432,10 @@ def stream_generate(
                 segment = segment[: max(0, len(segment) - (len(text) - keep))]
                 text, result.finish_reason, cut = text[:keep], "stop", True
             delta = parser.feed(segment)
+            if segment or emitted:
+                yield Chunk(segment, delta.reasoning, delta.answer, emitted)
             if result.finish_reason:
                 break
-            yield Chunk(segment, delta.reasoning, delta.answer, emitted)
     finally:
         steps.close()
         model.set_routing_trace(None)

@@ -191,3 +191,27 @@ def test_compiled_decoding_sees_changed_weights(v3):
     finally:
         model.lm_head.weight = saved
     assert before != after and after == uncompiled
+
+
+@pytest.mark.parametrize("how", ["length", "stop", "eos"])
+def test_streamed_chunks_add_up_to_the_result(v3, how, monkeypatch):
+    model, tok = v3
+    kwargs = {"max_tokens": 9}
+    if how == "stop":
+        kwargs["stop"] = [generate(model, tok, PROMPT, max_tokens=9).text.split()[4]]
+    if how == "eos":  # token 2 (</s>) wins from the sixth step on
+        real, calls = type(model).logits, {"n": 0}
+
+        def late_eos(self, h):
+            calls["n"] += 1
+            return real(self, h).at[..., 2].add(1e6 if calls["n"] > 5 else 0.0)
+
+        monkeypatch.setattr(type(model), "logits", late_eos)
+        kwargs["trace"] = True  # uncompiled, so the patched head runs every step
+    chunks = list(mlx_deepseek.generate.stream_generate(model, tok, PROMPT, **kwargs))
+    result = chunks[-1].result
+    assert result.finish_reason == ("length" if how == "length" else "stop")
+    assert "".join(c.text for c in chunks) == result.text
+    assert "".join(c.reasoning for c in chunks) == result.reasoning
+    assert "".join(c.answer for c in chunks) == result.answer
+    assert sum(len(c.tokens) for c in chunks) == len(result.tokens)
