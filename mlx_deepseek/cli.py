@@ -227,6 +227,27 @@ def _add_train_parser(sub) -> None:
     common(sft)
 
 
+def cmd_serve(a: argparse.Namespace) -> int:
+    if a.expert_memory is not None:
+        raise ValueError("--expert-memory is not supported yet (expert offloading is a later issue); "
+                         "leave it out to keep every expert in memory")
+    from app.server import serve
+
+    serve(a.model, host=a.host, port=a.port, api_key=a.api_key, max_tokens_limit=a.max_tokens_limit,
+          max_request_bytes=a.max_request_bytes)
+    return 0
+
+
+def cmd_chat(a: argparse.Namespace) -> int:
+    if a.expert_memory is not None:
+        raise ValueError("--expert-memory is not supported yet (expert offloading is a later issue); "
+                         "leave it out to keep every expert in memory")
+    from app import launch
+
+    launch(a.model, host=a.host, port=a.port, open_browser=not a.no_browser, share=a.share)
+    return 0
+
+
 def cmd_eval(a: argparse.Namespace) -> int:
     from . import load
     from .evaluate import evaluate
@@ -305,6 +326,25 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--speed-samples", type=int, default=10, help="problems also decoded one by one, with and without MTP")
     ev.add_argument("--json", action="store_true")
     ev.set_defaults(func=cmd_eval)
+
+    srv = sub.add_parser("serve", help="an OpenAI-compatible API (reasoning in reasoning_content)")
+    srv.add_argument("--model", default=None, help="model folder or hub id (default: the bundled nano-r1)")
+    srv.add_argument("--expert-memory", default=None, help="memory for routed experts (offloading; not supported yet)")
+    srv.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
+    srv.add_argument("--port", type=int, default=8080)
+    srv.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on every request")
+    srv.add_argument("--max-tokens-limit", type=int, default=4096, help="largest max_tokens a request may ask for")
+    srv.add_argument("--max-request-bytes", type=int, default=1 << 20, help="largest request body (default 1 MiB)")
+    srv.set_defaults(func=cmd_serve)
+
+    chat = sub.add_parser("chat", help="the chat app in the browser: reasoning, answer and the experts it used")
+    chat.add_argument("--model", default=None, help="model folder or hub id (default: the bundled nano-r1)")
+    chat.add_argument("--expert-memory", default=None, help="memory for routed experts (offloading; not supported yet)")
+    chat.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
+    chat.add_argument("--port", type=int, default=7860)
+    chat.add_argument("--no-browser", action="store_true", help="do not open a browser tab")
+    chat.add_argument("--share", action="store_true", help="also make a public Gradio share link (off by default)")
+    chat.set_defaults(func=cmd_chat)
 
     # `bench X`: each benchmark registers a sub-parser here (measured side by side with mlx-lm).
     bench = sub.add_parser("bench", help="measure this project against mlx-lm on the same checkpoint")
