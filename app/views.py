@@ -9,20 +9,13 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from mlx_deepseek.info import human
+
 EMPTY = "<div class='mlxds-empty'>No answer yet: ask something and the experts it used appear here.</div>"
 
 
 def _esc(s) -> str:
     return html.escape(str(s), quote=True)
-
-
-def human(n: float, unit: str = "") -> str:
-    """6519856 -> '6.52M'; byte sizes get a unit ('1.28KB')."""
-    for suffix in ("", "K", "M", "G" if unit else "B", "T"):
-        if abs(n) < 1000:
-            return f"{n:.3g}{suffix}{unit}"
-        n /= 1000
-    return f"{n:.3g}P{unit}"
 
 
 # ---- the stats line ---------------------------------------------------------------------------------

@@ -8,17 +8,8 @@ import json
 import sys
 
 
-def _human(n: float, unit: str = "") -> str:
-    """1234567 -> '1.235M'; parameter counts use B for 1e9, byte sizes GB."""
-    for suffix in ("", "K", "M", "G" if unit else "B", "T"):
-        if abs(n) < 1000:
-            return f"{n:.4g}{suffix}{unit}"
-        n /= 1000
-    return f"{n:.4g}P{unit}"
-
-
 def cmd_info(a: argparse.Namespace) -> int:
-    from .info import describe
+    from .info import describe, human
     from .loading import resolve
 
     d = describe(resolve(a.model))
@@ -30,13 +21,13 @@ def cmd_info(a: argparse.Namespace) -> int:
         ("family", f"{d['model_type']}: {d['family']}"),
         ("attention", f"{d['attention']}, {d['layers']} layers"),
         ("feed-forward", d["moe"]),
-        ("parameters", f"{_human(d['parameters'])} total, {_human(d['active_parameters'])} active per token"
-         + (f", MTP module {_human(d['mtp_parameters'])}" if d["mtp_parameters"] else "")),
+        ("parameters", f"{human(d['parameters'])} total, {human(d['active_parameters'])} active per token"
+         + (f", MTP module {human(d['mtp_parameters'])}" if d["mtp_parameters"] else "")),
         ("stored as", (", ".join(f"{k} x{v}" for k, v in d["dtypes"].items()) or "no weights")
-         + f" ({_human(d['disk_bytes'], 'B')} on disk)"),
+         + f" ({human(d['disk_bytes'], 'B')} on disk)"),
         ("quantization", d["quantization"]),
-        ("KV cache", f"{_human(d['kv_cache_bytes_per_token'], 'B')} per token at {d['kv_cache_dtype_bytes']} bytes/value"
-         + (f" (full per-head K/V would be {_human(d['mha_kv_cache_bytes_per_token'], 'B')})" if d["attention"] == "MLA" else "")),
+        ("KV cache", f"{human(d['kv_cache_bytes_per_token'], 'B')} per token at {d['kv_cache_dtype_bytes']} bytes/value"
+         + (f" (full per-head K/V would be {human(d['mha_kv_cache_bytes_per_token'], 'B')})" if d["attention"] == "MLA" else "")),
     ]
     width = max(len(k) for k, _ in rows)
     for k, v in rows:

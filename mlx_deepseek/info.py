@@ -14,6 +14,15 @@ from .weights import MTP_FILE, CheckpointError, read_header, weight_files
 _BYTES = {"F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1}
 
 
+def human(n: float, unit: str = "") -> str:
+    """6519856 -> '6.52M'; parameter counts use B for 1e9, byte sizes a unit ('1.28KB', '4.997MB', '671GB')."""
+    for suffix in ("", "K", "M", "G" if unit else "B", "T"):
+        if abs(n) < 1000:
+            return f"{n:.4g}{suffix}{unit}"
+        n /= 1000
+    return f"{n:.4g}P{unit}"
+
+
 def parameter_counts(args: ModelArgs) -> dict[str, int]:
     """Total, active-per-token and MTP parameter counts (unquantized sizes; nothing is allocated).
 
