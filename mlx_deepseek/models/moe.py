@@ -93,8 +93,9 @@ class RoutingTrace:
     def __init__(self):
         self.records: list[tuple[int, mx.array, mx.array]] = []
 
-    def record(self, layer: int, inds: mx.array, weights: mx.array) -> None:
-        self.records.append((layer, inds, weights))
+    def record(self, moe: "DeepSeekMoE", x: mx.array, inds: mx.array, weights: mx.array) -> None:
+        """Called by each MoE layer with its input x; keeps (layer, inds, weights)."""
+        self.records.append((moe.layer, inds, weights))
 
     def clear(self) -> None:
         self.records.clear()
@@ -119,7 +120,7 @@ class DeepSeekMoE(nn.Module):
     def __call__(self, x: mx.array) -> mx.array:
         inds, weights = self.gate(x)
         if self.trace is not None:
-            self.trace.record(self.layer, inds, weights)
+            self.trace.record(self, x, inds, weights)
         y = self.switch_mlp(x, inds)
         y = (y * weights[..., None].astype(y.dtype)).sum(axis=-2)
         if "shared_experts" in self:

@@ -8,8 +8,8 @@
 - `expert_balance_loss` (V2 eq. 23-25) and `device_balance_loss` (V2 eq. 26-28, experts in D equal device
   groups): the same product over the whole batch, per expert and per device group.
 
-`BalanceTrace` collects what these need in one forward pass: each MoE layer's chosen experts (through the
-model's RoutingTrace hook) and, when a loss needs them, the router inputs, from which the scores s of all
+`BalanceTrace` collects what these need in one forward pass through the model's RoutingTrace hook: each
+MoE layer's chosen experts and, when a loss needs them, the router inputs, from which the scores s of all
 experts are recomputed (differentiably).
 """
 
@@ -21,20 +21,18 @@ import mlx.nn as nn
 from ..models.moe import DeepSeekMoE, Router, RoutingTrace
 
 
-class _InputRecordingRouter(Router):
-    """A Router that also hands its input to the attached BalanceTrace (same parameters, same output)."""
-
-    def __call__(self, x: mx.array):
-        self._balance_trace.inputs.append((self, x))
-        return super().__call__(x)
-
-
 class BalanceTrace(RoutingTrace):
-    """A RoutingTrace that can also record router inputs (for the balance losses)."""
+    """A RoutingTrace that can also keep each router's input (for the balance losses)."""
 
-    def __init__(self):
+    def __init__(self, record_inputs: bool = False):
         super().__init__()
+        self.record_inputs = record_inputs
         self.inputs: list[tuple[Router, mx.array]] = []
+
+    def record(self, moe: DeepSeekMoE, x: mx.array, inds: mx.array, weights: mx.array) -> None:
+        super().record(moe, x, inds, weights)
+        if self.record_inputs:
+            self.inputs.append((moe.gate, x))
 
     def clear(self) -> None:
         super().clear()
@@ -47,22 +45,14 @@ def moe_layers(model: nn.Module) -> list[DeepSeekMoE]:
 
 
 def attach(model: nn.Module, record_inputs: bool = False) -> BalanceTrace:
-    """Attach a BalanceTrace to every MoE layer (and, with record_inputs, to every router)."""
-    trace = BalanceTrace()
+    """Attach a BalanceTrace to every MoE layer (keeping router inputs too with record_inputs)."""
+    trace = BalanceTrace(record_inputs)
     model.set_routing_trace(trace)
-    for moe in moe_layers(model):
-        if record_inputs:
-            moe.gate.__class__ = _InputRecordingRouter
-            moe.gate._balance_trace = trace
     return trace
 
 
 def detach(model: nn.Module) -> None:
     model.set_routing_trace(None)
-    for moe in moe_layers(model):
-        if isinstance(moe.gate, _InputRecordingRouter):
-            moe.gate.__class__ = Router
-            del moe.gate._balance_trace
 
 
 def freeze_bias(model: nn.Module) -> None:
