@@ -262,7 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mlx-deepseek", description="The DeepSeek model family in MLX.")
     sub = p.add_subparsers(dest="command", required=True)
     info = sub.add_parser("info", help="what a checkpoint is: family, parameters, dtype, KV-cache cost")
-    info.add_argument("model", help="model folder or hub id")
+    info.add_argument("model", nargs="?", default=None, help="model folder or hub id (default: the bundled nano-r1)")
     info.add_argument("--json", action="store_true", help="print one JSON object")
     info.set_defaults(func=cmd_info)
 

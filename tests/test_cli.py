@@ -35,3 +35,10 @@ def test_info_command_text_and_errors(capsys, tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
     assert main(["info", str(tmp_path)]) == 2
     assert "model_type='bert'" in capsys.readouterr().err
+
+
+def test_info_defaults_to_the_bundled_model(capsys):
+    assert main(["info", "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["path"].endswith("nano-r1") and d["model_type"] == "deepseek_v3" and d["mtp_parameters"] > 0
+    assert d["quantization"].startswith("affine")
