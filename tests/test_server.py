@@ -203,9 +203,10 @@ def test_api_key(served):
     assert_openai_error(httpx.get(served["base"] + "/models"), 401)
 
 
-def test_disconnect_mid_stream_stops_generation(served):
+def test_disconnect_mid_stream_stops_generation(served, monkeypatch):
+    # with no end-of-sequence id the generation can only end at max_tokens (seconds of work) or by cancellation
+    monkeypatch.setattr(served["tokenizer"], "eos_token_ids", {-1})
     log = served["app"].state.worker.log
-    # temperature 2 with this seed runs to max_tokens (800 tokens, seconds of work) unless stopped
     body = {"model": "nano-r1", "prompt": "Add the digits", "max_tokens": 800, "temperature": 2.0, "top_p": 1.0,
             "seed": 0, "stream": True}
     n = len(log)
@@ -220,11 +221,14 @@ def test_disconnect_mid_stream_stops_generation(served):
             break
         time.sleep(0.05)
     assert log[-1]["cancelled"] and log[-1]["tokens"] < 800
+    monkeypatch.undo()  # the end-of-sequence id back: the next request ends as usual
     r = served["client"].chat.completions.create(model="nano-r1", messages=ask(), max_tokens=200, temperature=0)
     assert r.choices[0].message.content == served["expected"].answer
 
 
-def test_disconnect_while_waiting_for_a_plain_answer(served):
+def test_disconnect_while_waiting_for_a_plain_answer(served, monkeypatch):
+    # with no end-of-sequence id the generation can only end at max_tokens (seconds of work) or by cancellation
+    monkeypatch.setattr(served["tokenizer"], "eos_token_ids", {-1})
     log = served["app"].state.worker.log
     body = {"model": "nano-r1", "prompt": "Add the digits", "max_tokens": 800, "temperature": 2.0, "top_p": 1.0,
             "seed": 0}
