@@ -150,9 +150,14 @@ class PromptCache:
     def __init__(self, model: Model, kv_bits: Optional[int] = None, kv_group_size: int = 64):
         self.model, self.kv_bits, self.kv_group_size = model, kv_bits, kv_group_size
         self.cache = make_cache(model, kv_bits, kv_group_size)
-        self.mtp_cache = make_cache(model, capacity=64)[: len(model.mtp)]
+        self.mtp_cache = self._fresh_mtp_cache()
         self.tokens: list[int] = []
         self.traced = False  # a routing trace records lazily inside the forward pass: run it uncompiled
+
+    def _fresh_mtp_cache(self) -> list:
+        """One empty fixed-capacity cache per MTP module (grown by `ensure`)."""
+        args, dtype = self.model.args, activation_dtype(self.model)
+        return [StaticKVCache(args, 1, 64, dtype) for _ in self.model.mtp]
 
     @property
     def compiled(self) -> bool:
@@ -220,10 +225,10 @@ class PromptCache:
         drop = len(self.tokens) - common
         if drop and not all(c.is_trimmable() for c in self.cache):
             self.cache, common, drop = make_cache(self.model, self.kv_bits, self.kv_group_size), 0, 0
-        for c in self.cache:
-            if drop:
+        if drop:
+            for c in self.cache:
                 c.trim(drop)
-        self.mtp_cache = make_cache(self.model, capacity=64)[: len(self.model.mtp)]  # MTP state restarts per call
+        self.mtp_cache = self._fresh_mtp_cache()  # MTP state restarts per call
         self.tokens = self.tokens[:common]
         return prompt[common:]
 
