@@ -153,6 +153,9 @@ class PromptCache:
         self.mtp_cache = self._fresh_mtp_cache()
         self.tokens: list[int] = []
         self.traced = False  # a routing trace records lazily inside the forward pass: run it uncompiled
+        # offloaded experts: each MoE layer syncs on its routed indices to read the missing experts, which a
+        # compiled graph cannot do, so an offloaded model decodes uncompiled
+        self.offloaded = getattr(model, "offloader", None) is not None
 
     def _fresh_mtp_cache(self) -> list:
         """One empty fixed-capacity cache per MTP module (grown by `ensure`)."""
@@ -161,7 +164,7 @@ class PromptCache:
 
     @property
     def compiled(self) -> bool:
-        return not self.traced and isinstance(self.cache[0], StaticKVCache)
+        return not (self.traced or self.offloaded) and isinstance(self.cache[0], StaticKVCache)
 
     def hidden(self, tokens: mx.array) -> mx.array:
         """Final-normed hidden states of new tokens [B, L], appended to the cache."""
@@ -181,7 +184,7 @@ class PromptCache:
 
     def draft(self, hidden: mx.array, next_tokens: mx.array) -> mx.array:
         """The MTP module's logits on pending (h_j, t_{j+1}) pairs, through its own cache."""
-        if self.traced:
+        if self.traced or self.offloaded:
             return self.model.mtp_logits(hidden, next_tokens, 0, self.mtp_cache[0])
         logits, states = compiled_steps(self.model).draft(hidden, next_tokens, [self.mtp_cache[0].state])
         self._store(self.mtp_cache, states)
@@ -249,6 +252,7 @@ class GenerationResult:
     mtp_drafted: int = 0
     mtp_accepted: int = 0
     expert_trace: Optional[ExpertTrace] = None
+    offload: Optional[dict] = None  # expert offloading: hit rates, bytes read, stalls per layer (offloaded models)
 
     @property
     def generation_tokens(self) -> int:
@@ -261,6 +265,7 @@ class GenerationResult:
         )}
         out["tokens"] = self.tokens
         out["expert_trace"] = self.expert_trace.to_dict() if self.expert_trace else None
+        out["offload"] = self.offload
         return out
 
 
@@ -408,6 +413,9 @@ def stream_generate(
     detok.reset()
     result = GenerationResult(prompt_tokens=len(ids))
 
+    offloader = getattr(model, "offloader", None)
+    if offloader is not None:
+        offloader.reset_stats()
     mx.reset_peak_memory()
     tic = time.perf_counter()
     loop = _mtp_tokens if mtp else _plain_tokens
@@ -461,6 +469,7 @@ def stream_generate(
         result.mtp_drafted, result.mtp_accepted = stats["drafted"], stats["accepted"]
         result.mtp_acceptance = stats["accepted"] / max(stats["drafted"], 1)
     result.expert_trace = taker.trace if taker else None
+    result.offload = offloader.stats() if offloader is not None else None
     yield Chunk(tail, last.reasoning + rest.reasoning, last.answer + rest.answer, [], result)
 
 

@@ -49,11 +49,15 @@ def _dtype(dtype) -> Optional[mx.Dtype]:
     return DTYPES[dtype]
 
 
-def load_model(path_or_repo: Union[str, Path], dtype=None, lazy: bool = False) -> Model:
+def load_model(path_or_repo: Union[str, Path], dtype=None, lazy: bool = False, expert_memory=None,
+               offload: Optional[dict] = None) -> Model:
     """Build the model that config.json describes and fill it with the checkpoint's weights.
 
     dtype: None keeps the stored dtype (FP8 becomes bfloat16), or "float32" / "float16" / "bfloat16".
     lazy: leave weights unevaluated (read from disk on first use).
+    expert_memory: offload the routed experts ("8GB", "25%" of them, or bytes): they stay in the checkpoint
+    files and a slot bank of that size holds the resident ones (see mlx_deepseek.offload; `offload` passes
+    its options: policy, profile, pin, prefetch, reader, decay).
     """
     folder = resolve(path_or_repo)
     args = ModelArgs.from_file(folder)
@@ -63,6 +67,11 @@ def load_model(path_or_repo: Union[str, Path], dtype=None, lazy: bool = False) -
     model = Model(args)
     if args.quantization is not None:
         quantize_like(model, args.quantization, set(weights))
+    if expert_memory is not None:
+        from .offload import offload_experts
+
+        offload_experts(model, folder, expert_memory, dtype=dtype, **(offload or {}))
+        weights = {k: v for k, v in weights.items() if ".switch_mlp." not in k}  # lazy, so never read
     check_weights(model, weights, str(folder), problems)
     weights = _cpu_friendly(weights)
     model.load_weights(list(weights.items()), strict=False)
@@ -82,9 +91,11 @@ def _cpu_friendly(weights: dict[str, mx.array]) -> dict[str, mx.array]:
     }
 
 
-def load(path_or_repo: Union[str, Path], dtype=None, lazy: bool = False):
-    """(model, tokenizer) from a checkpoint folder or hub id."""
+def load(path_or_repo: Union[str, Path], dtype=None, lazy: bool = False, expert_memory=None,
+         offload: Optional[dict] = None):
+    """(model, tokenizer) from a checkpoint folder or hub id (options as load_model's)."""
     from .tokenizer import load_tokenizer
 
     folder = resolve(path_or_repo)
-    return load_model(folder, dtype=dtype, lazy=lazy), load_tokenizer(folder)
+    model = load_model(folder, dtype=dtype, lazy=lazy, expert_memory=expert_memory, offload=offload)
+    return model, load_tokenizer(folder)
