@@ -281,7 +281,8 @@ def serve(engine: Engine, host: str = "127.0.0.1", port: int = 7860, open_browse
 
 
 def launch(model: Optional[str] = None, host: str = "127.0.0.1", port: int = 7860, open_browser: bool = True,
-           share: bool = False, block: bool = True):
-    """`mlx-deepseek chat`: load the model (None: the bundled one) and serve the app."""
+           share: bool = False, block: bool = True, expert_memory=None, offload: Optional[dict] = None):
+    """`mlx-deepseek chat`: load the model (None: the bundled one) and serve the app (`expert_memory`,
+    `offload`: offload the routed experts of every MoE model it loads; see mlx_deepseek.load)."""
     print(f"loading {model or 'the bundled nano-r1'} ...", flush=True)
-    return serve(Engine(model), host, port, open_browser, share, block)
+    return serve(Engine(model, expert_memory, offload), host, port, open_browser, share, block)

@@ -114,7 +114,8 @@ def local_models() -> list[tuple[str, str]]:
 class Engine:
     """The loaded model, its tokenizer and describe() card; generation one stream at a time."""
 
-    def __init__(self, model: Optional[str] = None):
+    def __init__(self, model: Optional[str] = None, expert_memory=None, offload: Optional[dict] = None):
+        self.expert_memory, self.offload = expert_memory, offload  # offloading for every MoE model loaded
         self.lock = threading.RLock()
         self.version = 0
         self._active: Optional[Iterator] = None
@@ -124,12 +125,14 @@ class Engine:
     def load(self, model: Optional[str] = None) -> dict:
         """Load a folder, a hub id or None (the bundled model); the old model stays if this fails."""
         from mlx_deepseek import load
+        from mlx_deepseek.config import ModelArgs
         from mlx_deepseek.info import describe
         from mlx_deepseek.loading import resolve
 
         folder = resolve(model or None)
         info = describe(folder)
-        new_model, tokenizer = load(folder)
+        moe = bool(ModelArgs.from_file(folder).n_routed_experts)  # a dense model has no experts to offload
+        new_model, tokenizer = load(folder, expert_memory=self.expert_memory if moe else None, offload=self.offload)
         with self.lock:
             self._close_active()
             self.model, self.tokenizer, self.info, self.folder = new_model, tokenizer, info, folder

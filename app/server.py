@@ -600,15 +600,17 @@ def model_id_for(model_path: Optional[str]) -> str:
 
 
 def serve(model_path: Optional[str] = None, host: str = "127.0.0.1", port: int = 8080, api_key: Optional[str] = None,
-          max_tokens_limit: int = 4096, max_request_bytes: int = 1 << 20, log_level: str = "info") -> None:
-    """Load the model and serve it until interrupted (what `mlx-deepseek serve` runs)."""
+          max_tokens_limit: int = 4096, max_request_bytes: int = 1 << 20, log_level: str = "info",
+          expert_memory=None, offload: Optional[dict] = None) -> None:
+    """Load the model and serve it until interrupted (what `mlx-deepseek serve` runs); `expert_memory` and
+    `offload` offload the routed experts (see mlx_deepseek.load)."""
     import uvicorn
 
     from mlx_deepseek import load
 
     if max_tokens_limit < 1 or max_request_bytes < 1:
         raise ValueError("--max-tokens-limit and --max-request-bytes must be positive")
-    model, tokenizer = load(model_path)
+    model, tokenizer = load(model_path, expert_memory=expert_memory, offload=offload)
     config = ServerConfig(model_id_for(model_path), api_key, max_tokens_limit, max_request_bytes)
     app = create_app(model, tokenizer, config)
     if host not in ("127.0.0.1", "localhost", "::1") and api_key is None:

@@ -50,12 +50,28 @@ def _sampling(a: argparse.Namespace):
     return Sampling(a.temp, a.top_p, a.top_k, a.min_p, a.repetition_penalty, a.seed)
 
 
+def _offload_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--expert-memory", default=None,
+                   help="offload routed experts: memory for the resident ones ('8GB', '25%%'); the rest stay on disk")
+    p.add_argument("--expert-policy", default="lru", choices=("lru", "lfu"), help="which resident expert a miss evicts")
+    p.add_argument("--expert-profile", default=None,
+                   help="expert counts (a generate --json output) to split the budget across layers and pin hot experts")
+    p.add_argument("--pin-experts", type=float, default=0.0, help="share of each layer's slots pinned to its hottest experts")
+    p.add_argument("--prefetch-experts", action="store_true", help="read the next layer's likely experts ahead")
+
+
+def _offload(a: argparse.Namespace) -> dict:
+    """load()'s offloading options from the parsed flags (expert_memory None: no offloading)."""
+    return {"expert_memory": a.expert_memory, "offload": {
+        "policy": a.expert_policy, "profile": a.expert_profile, "pin": a.pin_experts, "prefetch": a.prefetch_experts}}
+
+
 def cmd_generate(a: argparse.Namespace) -> int:
     from . import load
     from .chat import apply_chat_template
     from .generate import stream_generate
 
-    model, tokenizer = load(a.model, dtype=a.dtype)
+    model, tokenizer = load(a.model, dtype=a.dtype, **_offload(a))
     if a.raw:
         prompt = a.prompt
     else:
@@ -90,6 +106,10 @@ def cmd_generate(a: argparse.Namespace) -> int:
     )
     if result.mtp_acceptance is not None:
         line += f" | MTP acceptance {result.mtp_acceptance:.0%}"
+    if result.offload is not None:
+        d = result.offload["decode"]
+        line += (f" | experts offloaded ({result.offload['residency']:.0%} resident): decode hit rate "
+                 f"{d['hit_rate'] or 0:.1%}, {d['bytes_read_per_token'] / 1e6:.2f} MB read/token, {d['stall_s']:.2f} s stalled")
     print(line, file=sys.stderr)
     return 0
 
@@ -219,23 +239,17 @@ def _add_train_parser(sub) -> None:
 
 
 def cmd_serve(a: argparse.Namespace) -> int:
-    if a.expert_memory is not None:
-        raise ValueError("--expert-memory is not supported yet (expert offloading is a later issue); "
-                         "leave it out to keep every expert in memory")
     from app.server import serve
 
     serve(a.model, host=a.host, port=a.port, api_key=a.api_key, max_tokens_limit=a.max_tokens_limit,
-          max_request_bytes=a.max_request_bytes)
+          max_request_bytes=a.max_request_bytes, **_offload(a))
     return 0
 
 
 def cmd_chat(a: argparse.Namespace) -> int:
-    if a.expert_memory is not None:
-        raise ValueError("--expert-memory is not supported yet (expert offloading is a later issue); "
-                         "leave it out to keep every expert in memory")
     from app import launch
 
-    launch(a.model, host=a.host, port=a.port, open_browser=not a.no_browser, share=a.share)
+    launch(a.model, host=a.host, port=a.port, open_browser=not a.no_browser, share=a.share, **_offload(a))
     return 0
 
 
@@ -279,6 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--raw", action="store_true", help="use the prompt as is, without a chat template")
     gen.add_argument("--dtype", default=None, choices=("float32", "float16", "bfloat16"))
     gen.add_argument("--json", action="store_true", help="print one JSON object (with the expert statistics)")
+    _offload_args(gen)
     gen.set_defaults(func=cmd_generate)
 
     conv = sub.add_parser(
@@ -320,7 +335,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     srv = sub.add_parser("serve", help="an OpenAI-compatible API (reasoning in reasoning_content)")
     srv.add_argument("--model", default=None, help="model folder or hub id (default: the bundled nano-r1)")
-    srv.add_argument("--expert-memory", default=None, help="memory for routed experts (offloading; not supported yet)")
+    _offload_args(srv)
     srv.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
     srv.add_argument("--port", type=int, default=8080)
     srv.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on every request")
@@ -330,7 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     chat = sub.add_parser("chat", help="the chat app in the browser: reasoning, answer and the experts it used")
     chat.add_argument("--model", default=None, help="model folder or hub id (default: the bundled nano-r1)")
-    chat.add_argument("--expert-memory", default=None, help="memory for routed experts (offloading; not supported yet)")
+    _offload_args(chat)
     chat.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
     chat.add_argument("--port", type=int, default=7860)
     chat.add_argument("--no-browser", action="store_true", help="do not open a browser tab")

@@ -46,7 +46,14 @@ def parse_memory(spec: Union[str, int, float], total: int) -> int:
 
 
 class ExpertOffloader:
-    """The slot banks of a model, the reader, the prefetcher and the statistics."""
+    """The slot banks of a model, the reader, the prefetcher and the statistics.
+
+    Statistics are kept per phase: a forward pass of at most DECODE_POSITIONS positions per sequence (a
+    decode step, or MTP's verification of [token, draft]) is decode; longer ones are prefill. The first
+    MoE layer of a pass decides, so a prefill's last block (run on the last position only) stays prefill.
+    """
+
+    DECODE_POSITIONS = 2
 
     def __init__(self, banks: list[SlotBank], reader: ExpertReader, budget: int, total: int, policy: str,
                  prefetch: bool, gates: dict):
@@ -58,6 +65,7 @@ class ExpertOffloader:
                 self._next[id(a)] = (b, gates[b.layer])
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="expert-prefetch") if prefetch else None
         self._pending: dict[int, Future] = {}
+        self._phase: Optional[str] = None
 
     @property
     def bank_bytes(self) -> int:
@@ -66,11 +74,13 @@ class ExpertOffloader:
     def run(self, bank: SlotBank, x: mx.array, indices: mx.array) -> mx.array:
         """One MoE layer's routed experts: the one sync (indices, and the next layer's guess), the misses, the
         remapped batched matmul; then the next layer's likely experts are read while this one computes."""
-        follow = self._next.get(id(bank)) if self.prefetch and x.size // x.shape[-1] == 1 else None
+        if bank is self.banks[0] or self._phase is None:  # the first MoE layer of a pass names its phase
+            self._phase = "decode" if x.ndim < 2 or x.shape[-2] <= self.DECODE_POSITIONS else "prefill"
+        phase = self._phase
+        follow = self._next.get(id(bank)) if self.prefetch and phase == "decode" else None
         guess = follow[1](x)[0] if follow else None
         mx.eval(indices, *([guess] if guess is not None else []))
         pending = self._pending.pop(id(bank), None)
-        phase = "decode" if indices.size == indices.shape[-1] else "prefill"
         if pending is not None:
             tic = time.perf_counter()
             pending.result()

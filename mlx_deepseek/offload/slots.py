@@ -209,17 +209,19 @@ class SlotBank:
         st = self.stats[phase]
         st.passes += 1
         st.tokens += int(math.prod(inds.shape[:-1]))
-        room = self.n_slots - int((self.pinned & ~np.isin(self.resident, experts)).sum())
-        if len(experts) <= room:
+        pinned = self.pinned[self.where[experts]] & (self.where[experts] >= 0)
+        room = self.n_slots - int(self.pinned.sum())  # unpinned slots
+        if len(experts) - int(pinned.sum()) <= room:
             st.stall_s += self.ensure(experts, phase)
             self.policy.access(experts, counts)
             return self.glu(x, mx.array(self.where[inds].astype(np.int32)))
-        # more distinct experts than slots (a long prefill): resident ones first, then groups of `room`,
-        # each group's outputs selected exactly (mx.where) and evaluated before its slots are reused
-        order = experts[np.argsort(self.where[experts] < 0, kind="stable")]
+        # more distinct experts than slots (a long prefill): pinned and resident ones first, the rest in groups
+        # of `room`; each group's outputs are selected exactly (mx.where) and evaluated before its slots are reused
+        others = experts[~pinned]
+        others = others[np.argsort(self.where[others] < 0, kind="stable")]
         y = None
-        for i in range(0, len(order), room):
-            group = order[i : i + room]
+        for i in range(0, len(others), room):
+            group = others[i : i + room] if i else np.concatenate([experts[pinned], others[:room]])
             st.stall_s += self.ensure(group, phase)
             chosen = np.isin(inds, group)
             part = self.glu(x, mx.array(np.where(chosen, np.maximum(self.where[inds], 0), 0).astype(np.int32)))

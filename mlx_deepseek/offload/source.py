@@ -165,6 +165,9 @@ class ExpertReader:
         else:
             out[:] = src
 
+    def __del__(self):
+        self.close()
+
     def close(self) -> None:
         for m in self._maps.values():
             m.release()
