@@ -1,0 +1,684 @@
+"""GRPO (DeepSeekMath §4.1, R1 §2.2): group rollouts, rule-based rewards, the clipped objective with a k3 KL.
+
+The objective follows TRL's `GRPOTrainer` (1.16) formula for formula (tests/fixtures/make_grpo_reference.py
+calls TRL's own code; tests/test_grpo.py checks loss and d loss / d logits for every loss type):
+
+    logp_t      = log_softmax(logits_t / T)[y_t]          float32, the sampled tokens, the prompt as context
+    A_i         = (r_i - mean(r_group)) / (std(r) + 1e-4) std per group ("group"), over the batch ("batch"), or
+                                                           no division ("none"); std with Bessel's correction
+    ratio_t     = exp(logp_t - logp_old_t)                 logp_old: stored at rollout when mu > 1, else
+                                                           logp itself without gradient (ratio 1)
+    l_t         = -min(ratio_t A_i, clip(ratio_t, 1 - eps, 1 + eps_high) A_i) + beta * kl_t
+    kl_t        = exp(ref_t - logp_t) - (ref_t - logp_t) - 1   (k3; the reference is the base without adapters
+                                                           (LoRA) or a frozen copy (full); beta = 0 skips it)
+    grpo:    mean over sequences of (sum_t l_t / |o_i|)    bnpo, dapo: sum l_t / (completion tokens)
+    dr_grpo: sum l_t / (sequences * max_completion_tokens)
+
+A step: P prompts x G samples decoded together (`generate.batch_generate`; the G samples share their prompt's
+prefill), rewards (`rewards.RewardSet`), advantages, optionally zero-variance groups replaced by fresh prompts
+(DAPO's dynamic sampling), then mu optimizer updates on that rollout batch. `GRPOTrainer.compute_grads` is
+the one place gradients are made (micro-batch by micro-batch, already normalised for the whole batch).
+
+The run folder is that of `loop.Trainer` (whose checkpointing, resume and metrics it reuses): metrics.jsonl,
+checkpoints/step-N (adapters or the full model, optimizer, state), model/ (LoRA: the adapters fused in, float)
+and adapters/ (LoRA).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Iterator, Optional, Union
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+import numpy as np
+from mlx.utils import tree_flatten, tree_map, tree_unflatten
+
+from ..chat import apply_chat_template
+from ..generate import Sampling, batch_generate
+from ..loading import load_model, resolve
+from ..tokenizer import load_tokenizer
+from ..weights import atomic_folder, save_model
+from . import balance, lora, tasks
+from .loop import OPTIMIZER_FILE, STATE_FILE, Trainer, nan_guard, schedule
+from .rewards import RewardSet, accuracy_reward, format_reward, language_reward
+
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+SCALE_MODES = ("group", "batch", "none")
+
+
+# ---- the objective --------------------------------------------------------------------------------
+def completion_logps(logits: mx.array, ids: mx.array, temperature: float = 1.0) -> tuple[mx.array, mx.array]:
+    """(log-probs of `ids`, entropy) per position, in float32, of logits[..., V] scaled by 1 / temperature.
+    `logits[:, t]` must be the logits that predicted `ids[:, t]`."""
+    logits = logits.astype(mx.float32) / temperature
+    logz = mx.logsumexp(logits, axis=-1)
+    logps = mx.take_along_axis(logits, ids[..., None], axis=-1)[..., 0] - logz
+    p = mx.softmax(logits, axis=-1)
+    entropy = logz - (p * logits).sum(axis=-1)
+    return logps, entropy
+
+
+def group_advantages(rewards_per_func: np.ndarray, weights: np.ndarray, group_size: int, scale: str = "group"):
+    """TRL's advantages: weighted nan-sum of the reward functions, minus the group's (nan-)mean, divided by
+    std + 1e-4 (per group, over the batch, or not). Rows where every function is NaN get advantage 0.
+    Returns (advantages [N], rewards [N] (NaN for those rows), zero-std flags [N])."""
+    if scale not in SCALE_MODES:
+        raise ValueError(f"scale_rewards={scale!r}: expected one of {SCALE_MODES}")
+    r = np.asarray(rewards_per_func, dtype=np.float64)
+    unscorable = np.isnan(r).all(axis=1)
+    rewards = np.nansum(r * np.asarray(weights, dtype=np.float64)[None], axis=1)
+    rewards[unscorable] = np.nan
+    grouped = rewards.reshape(-1, group_size)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            mean = np.repeat(np.nanmean(grouped, axis=1), group_size)
+            if scale == "batch":
+                std = np.full_like(rewards, _nanstd(rewards))
+            else:
+                std = np.repeat(_nanstd(grouped, axis=1) if group_size > 1 else np.zeros(len(grouped)), group_size)
+    adv = rewards - mean
+    if scale != "none":
+        adv = adv / (std + 1e-4)
+    zero_std = np.isclose(std, 0.0, rtol=1.3e-6, atol=1e-5)  # torch.isclose's float32 defaults
+    return np.nan_to_num(adv, nan=0.0).astype(np.float32), rewards.astype(np.float32), zero_std
+
+
+def _nanstd(x: np.ndarray, axis=None) -> np.ndarray:
+    """std ignoring NaNs, with Bessel's correction (NaN below two values), as TRL's nanstd."""
+    n = np.sum(~np.isnan(x), axis=axis)
+    var = np.nanmean((x - np.nanmean(x, axis=axis, keepdims=axis is not None)) ** 2, axis=axis)
+    return np.sqrt(np.where(n > 1, var * n / np.maximum(n - 1, 1), np.nan))
+
+
+def policy_loss(
+    logps: mx.array,
+    mask: mx.array,
+    advantages: mx.array,
+    old_logps: Optional[mx.array] = None,
+    ref_logps: Optional[mx.array] = None,
+    beta: float = 0.0,
+    epsilon: float = 0.2,
+    epsilon_high: Optional[float] = None,
+    loss_type: str = "dapo",
+    n_sequences: Optional[int] = None,
+    n_tokens: Optional[float] = None,
+    max_completion_length: Optional[int] = None,
+    entropy: Optional[mx.array] = None,
+) -> tuple[mx.array, dict]:
+    """The GRPO loss of a batch [B, C] (or, with the n_* totals of the whole batch, a micro-batch's share of
+    it: shares add up to the batch's loss). Returns (loss, sums of the masked per-token statistics)."""
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"loss_type={loss_type!r}: expected one of {LOSS_TYPES}")
+    eps_high = epsilon if epsilon_high is None else epsilon_high
+    mask = mask.astype(mx.float32)
+    adv = advantages.astype(mx.float32)[:, None]
+    old = mx.stop_gradient(logps) if old_logps is None else old_logps
+    coef_1 = mx.exp(logps - old)
+    coef_2 = mx.clip(coef_1, 1 - epsilon, 1 + eps_high)
+    per_token = -mx.minimum(coef_1 * adv, coef_2 * adv)
+    kl = None
+    if beta != 0.0:
+        d = ref_logps - logps
+        kl = mx.exp(d) - d - 1
+        per_token = per_token + beta * kl
+    per_token = mx.where(mask > 0, per_token, 0.0)
+    n_seq = logps.shape[0] if n_sequences is None else n_sequences
+    if loss_type == "grpo":
+        loss = (per_token.sum(-1) / mx.maximum(mask.sum(-1), 1.0)).sum() / n_seq
+    elif loss_type == "dr_grpo":
+        loss = per_token.sum() / (n_seq * (max_completion_length or logps.shape[1]))
+    else:  # bnpo and dapo: one batch, no accumulation, one process -> the same normaliser
+        tokens = mask.sum() if n_tokens is None else n_tokens
+        loss = per_token.sum() / mx.maximum(tokens, 1.0)
+    low = (coef_1 < 1 - epsilon) & (adv < 0)
+    high = (coef_1 > 1 + eps_high) & (adv > 0)
+    stats = {
+        "tokens": mask.sum(),
+        "clip_low": (low * mask).sum(), "clip_high": (high * mask).sum(), "clip_region": ((low | high) * mask).sum(),
+    }
+    if kl is not None:
+        stats["kl"] = mx.where(mask > 0, kl, 0.0).sum()
+    if entropy is not None:
+        stats["entropy"] = mx.stop_gradient(mx.where(mask > 0, entropy, 0.0)).sum()
+    return loss, {k: mx.stop_gradient(v) for k, v in stats.items()}
+
+
+# ---- configuration -------------------------------------------------------------------------------
+@dataclass
+class GRPOConfig:
+    """A GRPO run. `steps` counts rollout batches; each makes `mu` optimizer updates."""
+
+    steps: int = 100
+    prompts_per_step: int = 4
+    group_size: int = 8  # G
+    max_completion_tokens: int = 256
+    temperature: float = 1.0
+    top_p: float = 1.0
+    loss_type: str = "dapo"  # TRL's default
+    scale_rewards: str = "group"
+    beta: float = 0.0  # KL weight (TRL's default 0; R1 / DeepSeekMath used 0.04)
+    epsilon: float = 0.2
+    epsilon_high: Optional[float] = None  # DAPO's clip-higher (0.28); None: = epsilon
+    mu: int = 1  # optimizer updates per rollout batch (TRL's num_iterations)
+    mask_truncated: bool = False  # completions cut at max_completion_tokens get no loss
+    resample_zero_std: int = 0  # rounds of fresh prompts replacing groups whose rewards all agree
+    lr: float = 1e-4
+    min_lr_ratio: float = 1.0  # constant after warmup unless < 1 (cosine)
+    warmup: int = 0
+    weight_decay: float = 0.0
+    betas: tuple = (0.9, 0.99)
+    grad_clip: float = 1.0
+    finetune: str = "lora"  # or "full"
+    lora: dict = field(default_factory=dict)  # LoraSettings fields
+    dequantize: bool = True  # train on float32 weights (CPU matmuls); False: LoRA on the quantized base
+    bias_gamma: float = 0.0  # the router correction bias is frozen; > 0 moves it by the load (V3's update)
+    rewards: dict = field(default_factory=lambda: {"accuracy": 1.0, "format": 0.2, "language": 0.1})
+    reward_file: Optional[str] = None
+    task: Optional[str] = "arithmetic"  # or None with `data`
+    data: Optional[str] = None  # a JSONL file: prompt, answer (+ lang, anything the rewards read)
+    split: str = "train"
+    task_options: dict = field(default_factory=dict)  # kinds / langs / levels for tasks.example_at
+    data_seed: int = 1
+    seed: int = 0
+    eval_every: int = 0  # held-out evaluation every N steps (0: never)
+    eval_split: str = "hard"
+    eval_data: Optional[str] = None
+    eval_n: int = 64
+    eval_max_tokens: int = 256
+    log_every: int = 1
+    save_every: int = 10
+    keep_checkpoints: int = 2
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "GRPOConfig":
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown GRPO settings: {', '.join(unknown)}")
+        d = dict(d)
+        if "betas" in d:
+            d["betas"] = tuple(d["betas"])
+        return cls(**d)
+
+    def check(self) -> None:
+        for name in ("steps", "prompts_per_step", "max_completion_tokens", "mu", "log_every", "save_every",
+                     "keep_checkpoints"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)}: must be at least 1")
+        if self.group_size < 2:
+            raise ValueError(f"group_size={self.group_size}: GRPO needs at least 2 samples per prompt")
+        if self.loss_type not in LOSS_TYPES:
+            raise ValueError(f"loss_type={self.loss_type!r}: expected one of {LOSS_TYPES}")
+        if self.scale_rewards not in SCALE_MODES:
+            raise ValueError(f"scale_rewards={self.scale_rewards!r}: expected one of {SCALE_MODES}")
+        if self.finetune not in ("lora", "dora", "full"):
+            raise ValueError(f"finetune={self.finetune!r}: expected lora, dora or full")
+        if self.temperature <= 0:
+            raise ValueError("temperature must be positive (the log-probs are scaled by it)")
+        if (self.task is None) == (self.data is None):
+            raise ValueError("give exactly one prompt source: a task (--task arithmetic) or a JSONL file (--data)")
+
+    @property
+    def lora_settings(self) -> lora.LoraSettings:
+        return lora.LoraSettings.from_dict({**self.lora, "dora": self.finetune == "dora" or self.lora.get("dora", False)})
+
+
+# ---- prompts ----------------------------------------------------------------------------------------
+def read_jsonl(path: Union[str, Path]) -> list[dict]:
+    rows = []
+    for i, line in enumerate(Path(path).read_text().splitlines(), 1):
+        if line.strip():
+            row = json.loads(line)
+            if "prompt" not in row or "answer" not in row:
+                raise ValueError(f"{path}:{i}: each row needs 'prompt' and 'answer'")
+            rows.append(row)
+    if not rows:
+        raise ValueError(f"{path}: no rows")
+    return rows
+
+
+def task_row(example: tasks.Example) -> dict:
+    return {"prompt": example.prompt, "answer": example.value, "lang": example.lang, "kind": example.problem.kind,
+            "level": example.problem.level, "key": example.problem.key}
+
+
+class PromptStream:
+    """Rows (prompt, answer, ...) by position: task problems, or a JSONL file reshuffled every epoch. Its
+    state is one integer."""
+
+    def __init__(self, task: Optional[str], data: Optional[str], split: str = "train", seed: int = 0,
+                 task_options: Optional[dict] = None):
+        if task is not None and task not in ("arithmetic",):
+            raise ValueError(f"task={task!r}: expected 'arithmetic'")
+        self.task, self.split, self.seed = task, split, seed
+        self.task_options = dict(task_options or {})
+        self.rows = read_jsonl(data) if data else None
+        self.position = 0
+
+    def row_at(self, i: int) -> dict:
+        if self.rows is None:
+            return task_row(tasks.example_at(i, self.split, self.seed, **self.task_options))
+        epoch, k = divmod(i, len(self.rows))
+        order = list(range(len(self.rows)))
+        random.Random(f"{self.seed}:{epoch}").shuffle(order)
+        return self.rows[order[k]]
+
+    def take(self, n: int) -> list[dict]:
+        out = [self.row_at(self.position + k) for k in range(n)]
+        self.position += n
+        return out
+
+    def state(self) -> dict:
+        return {"position": self.position}
+
+    def load_state(self, state: dict) -> None:
+        self.position = int(state["position"])
+
+
+def prompt_text(tokenizer, model, row: dict) -> str:
+    messages = row["prompt"] if isinstance(row["prompt"], list) else [{"role": "user", "content": row["prompt"]}]
+    return apply_chat_template(tokenizer, messages, model.args.model_type)
+
+
+# ---- rollouts ---------------------------------------------------------------------------------------
+@dataclass
+class Group:
+    """One prompt's G completions and their rewards."""
+
+    row: dict
+    prompt_ids: list[int]
+    completions: list[list[int]]  # token ids, EOS included when the sample ended with it
+    texts: list[str]
+    truncated: list[bool]
+    rewards: np.ndarray  # [G, F]
+
+
+def rollout(model, tokenizer, rows: list[dict], cfg: GRPOConfig, reward_set: RewardSet) -> tuple[list[Group], dict]:
+    """G samples per prompt, decoded in one batch (each prompt prefilled once), and their rewards."""
+    texts = [prompt_text(tokenizer, model, r) for r in rows]
+    tic = time.perf_counter()
+    results = batch_generate(model, tokenizer, texts, n=cfg.group_size, max_tokens=cfg.max_completion_tokens,
+                             sampling=Sampling(temperature=cfg.temperature, top_p=cfg.top_p))
+    elapsed = time.perf_counter() - tic
+    eos = tokenizer.eos_token_id
+    groups = []
+    for p, (row, text) in enumerate(zip(rows, texts)):
+        rs = results[p * cfg.group_size:(p + 1) * cfg.group_size]
+        examples = [{**row, "prompt_text": text}] * len(rs)
+        groups.append(Group(
+            row=row, prompt_ids=tokenizer.encode(text, add_special_tokens=False),
+            completions=[r.tokens + ([eos] if r.finish_reason == "stop" else []) for r in rs],
+            texts=[r.text for r in rs], truncated=[r.finish_reason == "length" for r in rs],
+            rewards=reward_set.score([r.text for r in rs], examples),
+        ))
+    tokens = sum(len(r.tokens) for r in results)
+    return groups, {"gen_tokens": tokens, "gen_seconds": elapsed}
+
+
+@dataclass
+class RolloutBatch:
+    groups: list[Group]
+    advantages: np.ndarray  # [P * G]
+    rewards: np.ndarray  # [P * G, F]
+    total: np.ndarray  # [P * G] weighted
+    zero_std_frac: float
+    gen_tokens: int
+    gen_seconds: float
+    old_logps: list = field(default_factory=list)  # per group [G, C] (mu > 1)
+    ref_logps: list = field(default_factory=list)  # per group [G, C] (beta != 0)
+
+    @property
+    def n_sequences(self) -> int:
+        return len(self.advantages)
+
+
+# ---- the trainer --------------------------------------------------------------------------------------
+class GRPOTrainer(Trainer):
+    """GRPO on a model (LoRA/DoRA adapters or all weights). Reuses `loop.Trainer`'s checkpoints (atomic,
+    pruned), resume, metrics truncation and final save; the step is GRPO's."""
+
+    def __init__(self, model, tokenizer, cfg: GRPOConfig, out: Union[str, Path], progress: bool = True,
+                 tokenizer_dir: Optional[Path] = None, ref_model=None):
+        cfg.check()
+        self.model, self.tokenizer, self.cfg = model, tokenizer, cfg
+        self.tokenizer_dir = Path(tokenizer_dir) if tokenizer_dir is not None else None
+        self.out, self.progress = Path(out), progress
+        self.args = model.args
+        self.n_experts = self.args.n_routed_experts or 0
+        self.moe = balance.moe_layers(model)
+        self.lora = cfg.lora_settings if cfg.finetune in ("lora", "dora") else None
+        if self.lora is not None and not lora.has_adapters(model):
+            lora.apply_lora(model, self.lora)
+        balance.freeze_bias(model)
+        if self.lora is None:  # full fine-tuning: the MTP module gets no gradient from GRPO; keep it fixed
+            for m in model.mtp:
+                m.freeze()
+        self.ref_model = ref_model
+        if cfg.beta != 0.0 and self.lora is None and ref_model is None:
+            raise ValueError("full fine-tuning with beta != 0 needs a frozen reference model (ref_model)")
+        self.trace = balance.attach(model) if self.moe else None
+        model.train()
+        sched = SimpleNamespace(lr=cfg.lr, warmup=cfg.warmup, steps=cfg.steps * cfg.mu, min_lr_ratio=cfg.min_lr_ratio)
+        self.optimizer = optim.AdamW(learning_rate=schedule(sched), betas=list(cfg.betas), weight_decay=cfg.weight_decay)
+        self.optimizer.init(model.trainable_parameters())
+        self.reward_set = RewardSet.build(cfg.rewards, cfg.reward_file)
+        self.data = PromptStream(cfg.task, cfg.data, cfg.split, cfg.data_seed, cfg.task_options)
+        self.step = 0
+        self._eval_rows = None
+
+    # ---- one rollout batch -----------------------------------------------------------------------
+    def make_batch(self) -> RolloutBatch:
+        """Rollouts of the next prompts; with resample_zero_std, groups whose rewards all agree are replaced by
+        fresh prompts' groups (up to that many rounds; left in, they only carry zero advantage)."""
+        cfg = self.cfg
+        weights = self.reward_set.weight_vector
+        groups, info = rollout(self.model, self.tokenizer, self.data.take(cfg.prompts_per_step), cfg, self.reward_set)
+        first_zero = self._zero_std(groups, weights)
+        zero_frac = float(np.mean(first_zero))
+        for _ in range(cfg.resample_zero_std):
+            zero = self._zero_std(groups, weights)
+            if not zero.any():
+                break
+            fresh, more = rollout(self.model, self.tokenizer, self.data.take(int(zero.sum())), cfg, self.reward_set)
+            info = {k: info[k] + more[k] for k in info}
+            fresh_zero = self._zero_std(fresh, weights)
+            kept = [g for g, z in zip(groups, zero) if not z] + [g for g, z in zip(fresh, fresh_zero) if not z]
+            spare = [g for g, z in zip(groups, zero) if z] + [g for g, z in zip(fresh, fresh_zero) if z]
+            groups = (kept + spare)[: cfg.prompts_per_step]
+        table = np.concatenate([g.rewards for g in groups])
+        adv, total, _ = group_advantages(table, weights, cfg.group_size, cfg.scale_rewards)
+        if cfg.mask_truncated:
+            truncated = np.concatenate([g.truncated for g in groups])
+            adv = np.where(truncated, 0.0, adv).astype(np.float32)
+        return RolloutBatch(groups, adv, table, total, zero_frac, info["gen_tokens"], info["gen_seconds"])
+
+    def _zero_std(self, groups: list[Group], weights: np.ndarray) -> np.ndarray:
+        table = np.concatenate([g.rewards for g in groups])
+        _, _, zero = group_advantages(table, weights, self.cfg.group_size, "group")
+        return zero.reshape(-1, self.cfg.group_size)[:, 0]
+
+    # ---- forward passes ------------------------------------------------------------------------------
+    @staticmethod
+    def _inputs(group: Group) -> tuple[mx.array, mx.array, mx.array, int]:
+        """(model input [G, P + C - 1], completion ids [G, C] right-padded, mask [G, C], P)."""
+        width = max(len(c) for c in group.completions) or 1
+        ids = np.zeros((len(group.completions), width), dtype=np.int32)
+        mask = np.zeros_like(ids)
+        for i, c in enumerate(group.completions):
+            ids[i, : len(c)] = c
+            mask[i, : len(c)] = 1
+        prompt = np.broadcast_to(np.array(group.prompt_ids, dtype=np.int32), (len(ids), len(group.prompt_ids)))
+        inputs = np.concatenate([prompt, ids[:, :-1]], axis=1)
+        return mx.array(inputs), mx.array(ids), mx.array(mask), len(group.prompt_ids)
+
+    def group_logps(self, model, group: Group) -> tuple[mx.array, mx.array]:
+        """Temperature-scaled log-probs and entropies of a group's completion tokens, the prompt as context."""
+        inputs, ids, _, p = self._inputs(group)
+        hidden = model.model(inputs)[:, p - 1:]
+        return completion_logps(model.logits(hidden), ids, self.cfg.temperature)
+
+    def prepare(self, batch: RolloutBatch) -> None:
+        """Old log-probs (mu > 1: before the first update) and reference log-probs (beta != 0), no gradient."""
+        cfg = self.cfg
+        if cfg.mu > 1:
+            batch.old_logps = [mx.stop_gradient(self.group_logps(self.model, g)[0]) for g in batch.groups]
+            mx.eval(batch.old_logps)
+        if cfg.beta != 0.0:
+            if self.lora is not None:
+                with lora.adapters_disabled(self.model):
+                    batch.ref_logps = [self.group_logps(self.model, g)[0] for g in batch.groups]
+                    mx.eval(batch.ref_logps)
+            else:
+                batch.ref_logps = [self.group_logps(self.ref_model, g)[0] for g in batch.groups]
+                mx.eval(batch.ref_logps)
+        if self.trace is not None:
+            self.trace.clear()
+
+    def _micro_loss(self, model, batch: RolloutBatch, k: int, n_tokens: float, max_len: int):
+        cfg, g = self.cfg, batch.groups[k]
+        if self.trace is not None:
+            self.trace.clear()
+        _, _, mask, _ = self._inputs(g)
+        logps, entropy = self.group_logps(model, g)
+        rows = slice(k * cfg.group_size, (k + 1) * cfg.group_size)
+        loss, stats = policy_loss(
+            logps, mask, mx.array(batch.advantages[rows]),
+            old_logps=batch.old_logps[k] if batch.old_logps else None,
+            ref_logps=batch.ref_logps[k] if batch.ref_logps else None,
+            beta=cfg.beta, epsilon=cfg.epsilon, epsilon_high=cfg.epsilon_high, loss_type=cfg.loss_type,
+            n_sequences=batch.n_sequences, n_tokens=n_tokens, max_completion_length=max_len, entropy=entropy,
+        )
+        counts = balance.layer_counts(self.trace, self.n_experts) if self.trace is not None else mx.zeros((0, 1))
+        return loss, stats, counts
+
+    def compute_grads(self, batch: RolloutBatch) -> tuple[dict, dict]:
+        """THE gradient of the GRPO loss of one rollout batch w.r.t. the trainable parameters (summed over the
+        per-prompt micro-batches, each already normalised for the whole batch), and the step's statistics.
+        Data-parallel training averages here (`mx.distributed.all_sum` of grads and of the normalisers)."""
+        n_tokens = float(sum(len(c) for g in batch.groups for c in g.completions))
+        max_len = self.cfg.max_completion_tokens
+        loss_and_grad = nn.value_and_grad(self.model, self._micro_loss)
+        grads, loss, sums, counts = None, 0.0, {}, None
+        for k in range(len(batch.groups)):
+            (l, stats, c), g = loss_and_grad(self.model, batch, k, n_tokens, max_len)
+            grads = g if grads is None else tree_map(mx.add, grads, g)
+            mx.eval(grads, l, stats, c)
+            loss += l.item()
+            for name, v in stats.items():
+                sums[name] = sums.get(name, 0.0) + v.item()
+            counts = np.array(c) if counts is None else counts + np.array(c)
+        tokens = max(sums.pop("tokens"), 1.0)
+        out = {"loss": loss, **{k: v / tokens for k, v in sums.items()}}
+        if counts is not None and counts.size:
+            out["counts"] = counts
+        return grads, out
+
+    # ---- the step -----------------------------------------------------------------------------------
+    def train_step(self) -> dict:
+        """Rollouts, rewards, advantages, then mu optimizer updates. The global RNG is reseeded from (seed,
+        step) first, so a resumed run samples exactly what an uninterrupted one does."""
+        cfg = self.cfg
+        mx.random.seed((cfg.seed * 1_000_003 + self.step) % 2**32)
+        tic = time.perf_counter()
+        batch = self.make_batch()
+        self.prepare(batch)
+        updates = []
+        for _ in range(cfg.mu):
+            grads, stats = self.compute_grads(batch)
+            grads, grad_norm = optim.clip_grad_norm(grads, cfg.grad_clip)
+            self.optimizer.update(self.model, grads)
+            mx.eval(self.model.parameters(), self.optimizer.state, grad_norm)
+            stats["grad_norm"] = grad_norm.item()
+            nan_guard(stats["loss"], f"the GRPO loss at step {self.step + 1}")
+            updates.append(stats)
+        counts = updates[0].get("counts")
+        if cfg.bias_gamma and counts is not None:
+            balance.update_bias(self.model, mx.array(counts), cfg.bias_gamma)
+        self.step += 1
+        return self._step_metrics(batch, updates, time.perf_counter() - tic)
+
+    def _step_metrics(self, batch: RolloutBatch, updates: list[dict], seconds: float) -> dict:
+        lengths = [len(c) for g in batch.groups for c in g.completions]
+        truncated = [t for g in batch.groups for t in g.truncated]
+        row = {"step": self.step, "reward": float(np.nanmean(batch.total)), "reward_std": float(_nanstd(batch.total))}
+        for j, name in enumerate(self.reward_set.names):
+            row[f"rewards/{name}"] = float(np.nanmean(batch.rewards[:, j])) if not np.isnan(batch.rewards[:, j]).all() else float("nan")
+        if "accuracy" in self.reward_set.names:
+            row["accuracy"] = row["rewards/accuracy"]
+        for key in ("loss", "grad_norm", "entropy", "kl", "clip_low", "clip_high", "clip_region"):
+            if key in updates[0]:
+                row[key] = float(np.mean([u[key] for u in updates]))
+        row.update({
+            "completion_length": float(np.mean(lengths)), "truncation": float(np.mean(truncated)),
+            "zero_std_frac": batch.zero_std_frac, "lr": float(self.optimizer.learning_rate.item()),
+            "gen_tokens_per_s": batch.gen_tokens / max(batch.gen_seconds, 1e-9), "step_seconds": seconds,
+            "reward_errors": dict(self.reward_set.errors),
+        })
+        if "counts" in updates[0]:
+            ratios = balance.load_ratio(updates[0]["counts"])
+            row["load_max_mean"] = [round(x, 3) for x in ratios]
+            row["load_max_mean_worst"] = max(ratios)
+        return row
+
+    # ---- held-out evaluation ---------------------------------------------------------------------------
+    def eval_rows(self) -> list[dict]:
+        if self._eval_rows is None:
+            cfg = self.cfg
+            if cfg.eval_data:
+                self._eval_rows = read_jsonl(cfg.eval_data)[: cfg.eval_n]
+            else:
+                self._eval_rows = [task_row(ex) for ex in tasks.generate(cfg.eval_n, split=cfg.eval_split, seed=12345)]
+        return self._eval_rows
+
+    def evaluate(self) -> dict:
+        """Greedy answers to the held-out rows: accuracy, format, language (the built-in rewards' means)."""
+        return evaluate_rows(self.model, self.tokenizer, self.eval_rows(), self.cfg.eval_max_tokens)
+
+    # ---- checkpoints (the loop's, with adapters for LoRA) ---------------------------------------------------
+    def _write_model(self, folder: Path) -> None:
+        if self.lora is None:
+            return super()._write_model(folder)
+        lora.save_adapters(self.model, folder, self.lora)
+
+    def resume(self, folder: Optional[Path] = None) -> bool:
+        if folder is None:
+            found = self.checkpoints()
+            if not found:
+                return False
+            folder = found[-1]
+        state = json.loads((folder / STATE_FILE).read_text())
+        if self.lora is not None:
+            self.model.load_weights(list(mx.load(str(folder / lora.ADAPTER_FILE)).items()), strict=False)
+        else:
+            from ..weights import read_weights
+
+            self.model.load_weights(list(read_weights(folder, self.args, mx.float32).items()), strict=False)
+        self.optimizer.state = tree_unflatten(list(mx.load(str(folder / OPTIMIZER_FILE)).items()))
+        self.step = int(state["step"])
+        self.data.load_state(state["data"])
+        self.reward_set.errors = dict(state.get("reward_errors", {}))
+        mx.eval(self.model.parameters(), self.optimizer.state)
+        return True
+
+    def save_checkpoint(self) -> Path:
+        path = super().save_checkpoint()
+        state = json.loads((path / STATE_FILE).read_text())  # the loop's state, plus the reward error counts
+        state["reward_errors"] = self.reward_set.errors
+        (path / STATE_FILE).write_text(json.dumps(state))
+        return path
+
+    def save_final(self) -> Path:
+        """out/model (LoRA: adapters fused in, float) and, for LoRA, out/adapters."""
+        if self.lora is not None:
+            with atomic_folder(self.out / "adapters") as tmp:
+                lora.save_adapters(self.model, tmp, self.lora)
+                (tmp / "base_model.txt").write_text(str(getattr(self, "base_path", "")))
+            lora.fuse(self.model, dequantize=True)
+            self.lora = None
+        return super().save_final()
+
+    # ---- the loop ---------------------------------------------------------------------------------------
+    def run(self, resume: bool = False) -> Path:
+        cfg = self.cfg
+        self.out.mkdir(parents=True, exist_ok=True)
+        if resume and not self.resume():
+            print(f"no checkpoint in {self.checkpoint_dir}; starting from step 0")
+        self._truncate_metrics()
+        (self.out / "grpo_config.json").write_text(json.dumps(asdict(cfg), indent=2))
+        from tqdm import tqdm
+
+        bar = tqdm(total=cfg.steps, initial=self.step, disable=not self.progress, unit="step", dynamic_ncols=True)
+        with open(self.out / "metrics.jsonl", "a") as metrics:
+            if cfg.eval_every and self.step == 0:
+                metrics.write(json.dumps({"step": 0, **{f"eval_{k}": v for k, v in self.evaluate().items()}}) + "\n")
+            while self.step < cfg.steps:
+                row = self.train_step()
+                bar.update(1)
+                last = self.step == cfg.steps
+                if cfg.eval_every and (self.step % cfg.eval_every == 0 or last):
+                    row.update({f"eval_{k}": v for k, v in self.evaluate().items()})
+                if self.step % cfg.log_every == 0 or last or "eval_accuracy" in row:
+                    metrics.write(json.dumps(row) + "\n")
+                    metrics.flush()
+                bar.set_postfix(reward=f"{row['reward']:.2f}", acc=f"{row.get('accuracy', float('nan')):.2f}",
+                                len=f"{row['completion_length']:.0f}", **({"eval": f"{row['eval_accuracy']:.2f}"}
+                                                                            if "eval_accuracy" in row else {}))
+                if self.step % cfg.save_every == 0 or last:
+                    self.save_checkpoint()
+        bar.close()
+        return self.save_final()
+
+
+def evaluate_rows(model, tokenizer, rows: list[dict], max_tokens: int = 256, batch_size: int = 64) -> dict:
+    """Greedy completions of rows: mean accuracy, format and language rewards."""
+    scores = []
+    for i in range(0, len(rows), batch_size):
+        chunk = rows[i: i + batch_size]
+        texts = [prompt_text(tokenizer, model, r) for r in chunk]
+        results = batch_generate(model, tokenizer, texts, max_tokens=max_tokens)
+        for r, text, res in zip(chunk, texts, results):
+            ex = {**r, "prompt_text": text}
+            scores.append([accuracy_reward(res.text, ex), format_reward(res.text, ex), language_reward(res.text, ex)])
+    s = np.array(scores)
+    return {"accuracy": float(s[:, 0].mean()), "format": float(s[:, 1].mean()), "language": float(s[:, 2].mean()),
+            "n": len(rows)}
+
+
+# ---- loading and the entry point ----------------------------------------------------------------------
+def load_for_training(model_path, dequantize: bool = True):
+    """(model, tokenizer, folder): float32 weights (a quantized checkpoint dequantized, unless asked not to)."""
+    folder = resolve(model_path)
+    model = load_model(folder, dtype="float32")
+    if model.args.quantization is not None and dequantize:
+        lora.dequantize(model)
+        model.update(tree_map(lambda p: p.astype(mx.float32), model.parameters()))
+        mx.eval(model.parameters())
+    return model, load_tokenizer(folder), folder
+
+
+def grpo(model_path, out: Union[str, Path], cfg: Optional[GRPOConfig] = None, resume: bool = False,
+         progress: bool = True) -> Path:
+    """GRPO-train the model at `model_path` (None: the bundled nano-r1) into `out`; returns out/model."""
+    cfg = cfg or GRPOConfig()
+    cfg.check()
+    out = Path(out)
+    if out.exists() and any((out / "checkpoints").glob(f"step-*/{STATE_FILE}")) and not resume:
+        raise ValueError(f"{out} holds checkpoints of an earlier run; pass resume=True (--resume) or a new folder")
+    if cfg.finetune == "full" and cfg.dequantize is False:
+        raise ValueError("full fine-tuning needs float weights (leave dequantize on)")
+    model, tok, folder = load_for_training(model_path, cfg.dequantize)
+    ref = None
+    if cfg.finetune == "full" and cfg.beta != 0.0:
+        ref, _, _ = load_for_training(folder, True)
+        ref.freeze()
+    trainer = GRPOTrainer(model, tok, cfg, out, progress=progress, tokenizer_dir=folder, ref_model=ref)
+    trainer.base_path = folder
+    return trainer.run(resume=resume)
+
+
+def fuse_adapters(base, adapters: Union[str, Path], out: Union[str, Path], dequantize: bool = False) -> Path:
+    """`mlx-deepseek fuse`: the base model (as stored: quantized or float) with the adapters folded in, as a
+    model folder (quantized like the base unless `dequantize`)."""
+    from .vocab import copy_tokenizer
+
+    folder = resolve(base)
+    model = load_model(folder)
+    lora.load_adapters(model, Path(adapters))
+    lora.fuse(model, dequantize=dequantize)
+    if dequantize:
+        lora.dequantize(model)
+    with atomic_folder(Path(out)) as tmp:
+        save_model(model, tmp, model.args.to_dict())
+        copy_tokenizer(folder, tmp)
+    return Path(out)
