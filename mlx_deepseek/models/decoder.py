@@ -45,6 +45,7 @@ class DeepSeekModel(nn.Module):
         self.layers = [DecoderLayer(args, i) for i in range(args.num_hidden_layers)]
         self.norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
         self.mla = args.uses_mla
+        self.pipeline = None  # a parallel.PipelineStage when the layers are split over ranks (self.layers: this rank's)
 
     def __call__(self, inputs: mx.array, cache: Optional[list] = None, last_only: bool = False) -> mx.array:
         """Final-normed hidden states [B, L, D]; with `last_only` (prefill) those of the last position,
@@ -52,9 +53,14 @@ class DeepSeekModel(nn.Module):
         h = self.embed_tokens(inputs)
         cache = cache or [None] * len(self.layers)
         mask = attention_mask(h, cache[0], self.mla)
-        last = len(self.layers) - 1
+        stage = self.pipeline
+        if stage is not None:
+            h = stage.receive(h)
+        last = len(self.layers) - 1 if stage is None or stage.last else -1
         for i, (layer, c) in enumerate(zip(self.layers, cache)):
             h = layer(h, mask, c, last_only=last_only and i == last)
+        if stage is not None:
+            h = stage.pass_on(h, last_only)
         return self.norm(h)
 
 

@@ -112,6 +112,7 @@ class DeepSeekMoE(nn.Module):
         super().__init__()
         self.layer = layer
         self.trace = None  # a RoutingTrace while one is attached
+        self.expert_group = None  # expert parallelism (parallel.shard_experts): the ranks holding the other experts
         self.gate = Router(args)
         self.switch_mlp = SwitchGLU(args.hidden_size, args.moe_intermediate_size, args.n_routed_experts)
         if args.n_shared_experts:
@@ -123,6 +124,8 @@ class DeepSeekMoE(nn.Module):
             self.trace.record(self, x, inds, weights)
         y = self.switch_mlp(x, inds)
         y = (y * weights[..., None].astype(y.dtype)).sum(axis=-2)
+        if self.expert_group is not None:  # each rank added its own experts' part
+            y = mx.distributed.all_sum(y, group=self.expert_group)
         if "shared_experts" in self:
             y = y + self.shared_experts(x)
         return y

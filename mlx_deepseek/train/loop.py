@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import time
 from dataclasses import asdict, dataclass, field, fields
@@ -31,6 +32,7 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
+from .. import parallel
 from ..weights import atomic_folder, save_model
 from . import balance
 from .data import PackedBatches
@@ -109,10 +111,12 @@ def init_weights(model: nn.Module, seed: int = 0, std: float = 0.02) -> None:
     mx.eval(model.parameters())
 
 
-def masked_cross_entropy(logits: mx.array, targets: mx.array, mask: mx.array) -> mx.array:
+def masked_cross_entropy(logits: mx.array, targets: mx.array, mask: mx.array, count=None) -> mx.array:
+    """Mean cross-entropy over the masked tokens; `count` replaces their number (data parallelism: this
+    rank's share of the global count, so that the ranks' mean is the mean over the whole batch)."""
     ce = nn.losses.cross_entropy(logits.astype(mx.float32), targets, reduction="none")
     mask = mask.astype(mx.float32)
-    return (ce * mask).sum() / mx.maximum(mask.sum(), 1.0)
+    return (ce * mask).sum() / (mx.maximum(mask.sum(), 1.0) if count is None else count)
 
 
 def schedule(cfg: TrainConfig):
@@ -129,10 +133,15 @@ class Trainer:
 
     def __init__(
         self, model, tokenizer, cfg: TrainConfig, out: str | Path, progress: bool = True,
-        tokenizer_dir: Optional[Path] = None,
+        tokenizer_dir: Optional[Path] = None, group: Optional[mx.distributed.Group] = None,
     ):
-        """tokenizer_dir: a folder whose tokenizer files every saved model folder gets a copy of."""
+        """tokenizer_dir: a folder whose tokenizer files every saved model folder gets a copy of.
+        group: data parallelism over its ranks (each trains on its rows of every batch; rank 0 writes)."""
         cfg.check()
+        self.group = parallel.active(group)
+        self.main = self.group is None or self.group.rank() == 0
+        if self.group is not None and cfg.batch_size % self.group.size():
+            raise ValueError(f"batch_size={cfg.batch_size} must be a multiple of the {self.group.size()} ranks")
         self.model, self.tokenizer, self.cfg = model, tokenizer, cfg
         self.tokenizer_dir = Path(tokenizer_dir) if tokenizer_dir is not None else None
         self.out = Path(out)
@@ -158,19 +167,23 @@ class Trainer:
         self._step_fn = self._build_step()
 
     # ---- the step ------------------------------------------------------------------------------
-    def loss(self, model, ids: mx.array, mask: mx.array):
-        """(total, main CE, MTP CE, balance loss, expert counts [moe layers, experts]) of one batch."""
+    def loss(self, model, ids: mx.array, mask: mx.array, counts: Optional[mx.array] = None):
+        """(total, main CE, MTP CE, balance loss, expert counts [moe layers, experts]) of one batch.
+        counts: the token counts that normalise the main and MTP CE (default: this batch's; see token_counts)."""
         cfg = self.cfg
         if self.trace is not None:
             self.trace.clear()
+        counts = [None, None] if counts is None else counts
         inputs, targets, tmask = ids[:, :-1], ids[:, 1:], mask[:, 1:]
         hidden = model.model(inputs)
-        ce = masked_cross_entropy(model.logits(hidden), targets, tmask)
+        ce = masked_cross_entropy(model.logits(hidden), targets, tmask, counts[0])
         total = ce
         mtp_ce = mx.array(0.0)
         if model.args.num_nextn_predict_layers and cfg.mtp_weight:
             # h_i with Emb(t_{i+1}) -> t_{i+2}
-            mtp_ce = masked_cross_entropy(model.mtp_logits(hidden[:, :-1], inputs[:, 1:]), targets[:, 1:], tmask[:, 1:])
+            mtp_ce = masked_cross_entropy(
+                model.mtp_logits(hidden[:, :-1], inputs[:, 1:]), targets[:, 1:], tmask[:, 1:], counts[1]
+            )
             total = total + cfg.mtp_weight * mtp_ce
         aux = mx.array(0.0)
         counts = mx.zeros((0, max(self.n_experts, 1)))
@@ -186,8 +199,9 @@ class Trainer:
         model, optimizer, cfg = self.model, self.optimizer, self.cfg
         loss_and_grad = nn.value_and_grad(model, self.loss)
 
-        def step(ids, mask):
-            (total, ce, mtp_ce, aux, counts), grads = loss_and_grad(model, ids, mask)
+        def step(ids, mask, token_counts):
+            (total, ce, mtp_ce, aux, counts), grads = loss_and_grad(model, ids, mask, token_counts)
+            grads = parallel.average_gradients(grads, self.group)
             grads, grad_norm = optim.clip_grad_norm(grads, cfg.grad_clip)
             optimizer.update(model, grads)
             return total, ce, mtp_ce, aux, counts, grad_norm
@@ -203,7 +217,8 @@ class Trainer:
         MLX's global RNG is reseeded from (seed, step) first: whatever draws random numbers in a step
         (nothing in the losses here; dropout or sampling later) draws the same after a resume."""
         mx.random.seed((self.cfg.seed * 1_000_003 + self.step) % 2**32)
-        total, ce, mtp_ce, aux, counts, grad_norm = self._step_fn(mx.array(ids), mx.array(mask))
+        out = self._step_fn(mx.array(ids), mx.array(mask), self.token_counts(mask))
+        total, ce, mtp_ce, aux, counts, grad_norm = self._across_ranks(*out)
         if self.moe:
             balance.update_bias(self.model, counts, self.cfg.bias_gamma)
         mx.eval(self.model.state, self.optimizer.state, total, ce, mtp_ce, aux, counts, grad_norm)
@@ -213,6 +228,25 @@ class Trainer:
             "loss": total.item(), "ce": ce.item(), "mtp_ce": mtp_ce.item(), "aux": aux.item(),
             "grad_norm": grad_norm.item(), "counts": np.array(counts),
         }
+
+    def token_counts(self, mask: np.ndarray) -> mx.array:
+        """The numbers of tokens the main and the MTP loss average over: this batch's, or with data
+        parallelism each rank's share (1 / ranks) of the global ones, so that the mean of the ranks' losses
+        (and, with gradients averaged, of their gradients) is the single-process value on the whole batch."""
+        tmask = np.asarray(mask)[:, 1:]
+        counts = mx.array([float(tmask.sum()), float(tmask[:, 1:].sum())])
+        if self.group is None:
+            return mx.maximum(counts, 1.0)
+        return mx.maximum(parallel.global_sum(counts, self.group), 1.0) / self.group.size()
+
+    def _across_ranks(self, total, ce, mtp_ce, aux, counts, grad_norm):
+        """The step's numbers for the whole batch: losses averaged, expert counts summed over the ranks (so
+        every rank moves the routing bias the same way)."""
+        if self.group is None:
+            return total, ce, mtp_ce, aux, counts, grad_norm
+        n = self.group.size()
+        total, ce, mtp_ce, aux = (parallel.global_sum(x, self.group) / n for x in (total, ce, mtp_ce, aux))
+        return total, ce, mtp_ce, aux, parallel.global_sum(counts, self.group), grad_norm
 
     def eval_loss(self) -> dict:
         """Main and MTP cross-entropy on one fixed batch of the heldout split (same masking as training)."""
@@ -234,6 +268,8 @@ class Trainer:
     def save_checkpoint(self) -> Path:
         """checkpoints/step-NNNNNNN, written to a temporary folder and renamed; older ones pruned."""
         final = self.checkpoint_dir / f"step-{self.step:07d}"
+        if not self.main:  # data parallelism: the ranks hold the same model; rank 0 writes it
+            return final
         self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
         with atomic_folder(final) as tmp:
             self._write_model(tmp)
@@ -295,6 +331,8 @@ class Trainer:
     def save_final(self) -> Path:
         """out/model: the trained model folder (no optimizer state), written atomically."""
         final = self.out / "model"
+        if not self.main:
+            return final
         with atomic_folder(final) as tmp:
             self._write_model(tmp)
         return final
@@ -305,18 +343,20 @@ class Trainer:
         self.out.mkdir(parents=True, exist_ok=True)
         if resume and not self.resume():
             print(f"no checkpoint in {self.checkpoint_dir}; starting from step 0")
-        self._truncate_metrics()  # lines past the starting step belong to an abandoned run
-        (self.out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2))
+        if self.main:
+            self._truncate_metrics()  # lines past the starting step belong to an abandoned run
+            (self.out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2))
         from tqdm import tqdm
 
-        bar = tqdm(total=cfg.steps, initial=self.step, disable=not self.progress, unit="step", dynamic_ncols=True)
+        bar = tqdm(total=cfg.steps, initial=self.step, disable=not (self.progress and self.main), unit="step",
+                   dynamic_ncols=True)
         window: list[dict] = []
         counts = None
         t0, tokens = time.perf_counter(), 0
-        with open(self.out / "metrics.jsonl", "a") as metrics:
+        with open(self.out / "metrics.jsonl" if self.main else os.devnull, "a") as metrics:
             while self.step < cfg.steps:
-                ids, mask = next(self.data)
-                r = self.train_step(ids, mask)
+                ids, mask = next(self.data)  # the whole batch; with data parallelism each rank trains on its rows
+                r = self.train_step(*parallel.shard_rows((ids, mask), self.group))
                 tokens += ids.shape[0] * (ids.shape[1] - 1)
                 counts = r["counts"] if counts is None else counts + r["counts"]
                 window.append(r)
