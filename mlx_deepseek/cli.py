@@ -236,6 +236,147 @@ def _add_train_parser(sub) -> None:
     sft = kinds.add_parser("sft", help="cold-start SFT on chat-formatted traces (loss on assistant tokens only)")
     sft.add_argument("--model", default=None, help="model folder to fine-tune (default: the bundled nano-r1)")
     common(sft)
+    _add_grpo_parsers(kinds)
+
+
+def cmd_grpo(a: argparse.Namespace) -> int:
+    from .train.grpo import GRPOConfig, grpo
+    from .train.rewards import parse_weights
+
+    settings = {k: getattr(a, k) for k in _GRPO_SETTINGS if getattr(a, k, None) is not None}
+    if a.data:
+        settings["task"], settings["data"] = None, a.data
+    if a.reward:
+        settings["rewards"] = parse_weights(a.reward)
+    if a.levels:
+        settings["task_options"] = {"levels": tuple(a.levels)}
+    lora = {k: getattr(a, f"lora_{k}") for k in ("rank", "scale", "dropout", "layers") if getattr(a, f"lora_{k}") is not None}
+    if lora:
+        settings["lora"] = lora
+    for flag in ("mask_truncated",):
+        settings[flag] = getattr(a, flag)
+    if a.keep_quantized:
+        settings["dequantize"] = False
+    out = grpo(a.model, a.out, GRPOConfig.from_dict(settings), resume=a.resume, progress=not a.no_progress)
+    print(f"model written to {out} (metrics in {out.parent / 'metrics.jsonl'})")
+    return 0
+
+
+def cmd_rejection_sample(a: argparse.Namespace) -> int:
+    from .train.distill import rejection_sample
+
+    r = rejection_sample(a.model, a.out, task=None if a.data else a.task, data=a.data, n_prompts=a.prompts,
+                         samples=a.samples, temperature=a.temp, top_p=a.top_p, max_tokens=a.max_tokens, split=a.split,
+                         seed=a.seed, keep_per_prompt=a.keep_per_prompt, progress=not a.no_progress)
+    print(json.dumps(r))
+    return 0
+
+
+def cmd_distill(a: argparse.Namespace) -> int:
+    from .train.distill import distill
+    from .train.sft import sft_config
+
+    settings = {k: getattr(a, k) for k in ("steps", "batch_size", "seq_len", "lr") if getattr(a, k) is not None}
+    r = distill(a.teacher, a.student, a.out, dict(task=a.task, n_prompts=a.prompts, samples=a.samples,
+                                                   temperature=a.temp, max_tokens=a.max_tokens, split=a.split, seed=a.seed),
+                sft_config(eval_every=0, **settings), resume=a.resume, progress=not a.no_progress)
+    print(json.dumps(r))
+    return 0
+
+
+_GRPO_SETTINGS = (  # flag -> GRPOConfig field
+    "steps", "prompts_per_step", "group_size", "max_completion_tokens", "temperature", "top_p", "loss_type",
+    "scale_rewards", "beta", "epsilon", "epsilon_high", "mu", "resample_zero_std", "lr", "warmup", "min_lr_ratio",
+    "weight_decay", "grad_clip", "finetune", "bias_gamma", "reward_file", "task", "split", "data_seed", "seed",
+    "eval_every", "eval_split", "eval_data", "eval_n", "eval_max_tokens", "log_every", "save_every",
+)
+
+
+def _add_grpo_parsers(kinds) -> None:
+    g = kinds.add_parser("grpo", help="GRPO with rule-based rewards (the R1 recipe): LoRA/DoRA or full")
+    g.add_argument("--model", default=None, help="model folder to train (default: the bundled nano-r1)")
+    g.add_argument("--out", required=True, help="run folder: checkpoints/, metrics.jsonl, model/, adapters/")
+    src = g.add_mutually_exclusive_group()
+    src.add_argument("--task", choices=("arithmetic",), help="prompts from the synthetic task (the default)")
+    src.add_argument("--data", help="prompts from a JSONL file (prompt, answer, optional lang)")
+    g.add_argument("--split", choices=("train", "heldout", "hard"), help="task split of the prompts")
+    g.add_argument("--levels", type=int, nargs=2, metavar=("LO", "HI"), help="task difficulty levels (digits)")
+    g.add_argument("--steps", type=int, help="rollout batches")
+    g.add_argument("--prompts", dest="prompts_per_step", type=int, help="prompts per step")
+    g.add_argument("--group-size", type=int, help="samples per prompt (G)")
+    g.add_argument("--max-completion-tokens", type=int)
+    g.add_argument("--temp", dest="temperature", type=float, help="sampling temperature (log-probs are scaled by it)")
+    g.add_argument("--top-p", type=float)
+    g.add_argument("--loss-type", choices=("grpo", "bnpo", "dr_grpo", "dapo"))
+    g.add_argument("--scale-rewards", choices=("group", "batch", "none"), help="advantage std: per group, batch or none")
+    g.add_argument("--beta", type=float, help="KL weight (0: no reference model)")
+    g.add_argument("--epsilon", type=float, help="clip range (low)")
+    g.add_argument("--epsilon-high", type=float, help="clip range (high; DAPO's clip-higher)")
+    g.add_argument("--mu", type=int, help="optimizer updates per rollout batch")
+    g.add_argument("--mask-truncated", action="store_true", help="no loss on completions cut at the length limit")
+    g.add_argument("--resample-zero-std", type=int, help="rounds of fresh prompts replacing zero-variance groups")
+    g.add_argument("--reward", action="append", help="NAME[=WEIGHT] (repeatable): accuracy, format, language or "
+                   "a function of --reward-file")
+    g.add_argument("--reward-file", help="Python file with reward functions fn(completion, example) -> float")
+    g.add_argument("--finetune", choices=("lora", "dora", "full"))
+    g.add_argument("--lora-rank", type=int)
+    g.add_argument("--lora-scale", type=float)
+    g.add_argument("--lora-dropout", type=float)
+    g.add_argument("--lora-layers", type=int, help="adapt the last N layers (0: all)")
+    g.add_argument("--keep-quantized", action="store_true", help="LoRA on the quantized weights (default: float32)")
+    g.add_argument("--bias-gamma", type=float, help="move the router bias by the expert load (0: frozen)")
+    g.add_argument("--lr", type=float)
+    g.add_argument("--warmup", type=int)
+    g.add_argument("--min-lr-ratio", type=float)
+    g.add_argument("--weight-decay", type=float)
+    g.add_argument("--grad-clip", type=float)
+    g.add_argument("--data-seed", type=int)
+    g.add_argument("--seed", type=int)
+    g.add_argument("--eval-every", type=int, help="held-out evaluation every N steps (0: never)")
+    g.add_argument("--eval-split", choices=("heldout", "hard", "train"))
+    g.add_argument("--eval-data", help="held-out JSONL (prompt, answer)")
+    g.add_argument("--eval-n", type=int)
+    g.add_argument("--eval-max-tokens", type=int)
+    g.add_argument("--log-every", type=int)
+    g.add_argument("--save-every", type=int)
+    g.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    g.add_argument("--no-progress", action="store_true")
+    g.set_defaults(func=cmd_grpo)
+
+    rs = kinds.add_parser("rejection-sample", help="sample a model, keep its correct answers as SFT data (JSONL)")
+    rs.add_argument("--model", default=None)
+    rs.add_argument("--out", required=True, help="JSONL file")
+    rs.add_argument("--task", default="arithmetic", choices=("arithmetic",))
+    rs.add_argument("--data", default=None, help="prompts from a JSONL file (prompt, answer)")
+    rs.add_argument("--keep-per-prompt", type=int, default=1)
+    ds = kinds.add_parser("distill", help="teacher samples (rejection-sampled) -> SFT of the student")
+    ds.add_argument("--teacher", default=None, help="default: the bundled nano-r1")
+    ds.add_argument("--student", required=True, help="model folder to fine-tune")
+    ds.add_argument("--out", required=True, help="folder: teacher_samples.jsonl, sft/")
+    ds.add_argument("--task", default="arithmetic", choices=("arithmetic",))
+    ds.add_argument("--steps", type=int)
+    ds.add_argument("--batch", dest="batch_size", type=int)
+    ds.add_argument("--seq-len", type=int)
+    ds.add_argument("--lr", type=float)
+    ds.add_argument("--resume", action="store_true")
+    for p in (rs, ds):
+        p.add_argument("--prompts", type=int, default=64)
+        p.add_argument("--samples", type=int, default=8, help="samples per prompt")
+        p.add_argument("--temp", type=float, default=0.8)
+        p.add_argument("--max-tokens", type=int, default=256)
+        p.add_argument("--split", default="train", choices=("train", "heldout", "hard"))
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--no-progress", action="store_true")
+    rs.add_argument("--top-p", type=float, default=0.95)
+    rs.set_defaults(func=cmd_rejection_sample)
+    ds.set_defaults(func=cmd_distill)
+
+
+def cmd_fuse(a: argparse.Namespace) -> int:
+    from .train.grpo import fuse_adapters
+
+    print(f"fused model written to {fuse_adapters(a.model, a.adapters, a.out, dequantize=a.dequantize)}")
+    return 0
 
 
 def cmd_serve(a: argparse.Namespace) -> int:
@@ -321,6 +462,13 @@ def build_parser() -> argparse.ArgumentParser:
     conv.set_defaults(func=cmd_convert)
 
     _add_train_parser(sub)
+
+    fu = sub.add_parser("fuse", help="fold LoRA/DoRA adapters into a model's weights")
+    fu.add_argument("--model", default=None, help="the base model the adapters were trained on (default: nano-r1)")
+    fu.add_argument("--adapters", required=True, help="adapter folder (adapters.safetensors, adapter_config.json)")
+    fu.add_argument("--out", required=True, help="model folder to write (atomically)")
+    fu.add_argument("--dequantize", action="store_true", help="write floats (default: quantized like the base)")
+    fu.set_defaults(func=cmd_fuse)
 
     ev = sub.add_parser("eval", help="accuracy, format, language, MTP acceptance and expert balance on a task")
     ev.add_argument("--model", default=None, help="model folder or hub id (default: the bundled nano-r1)")

@@ -56,11 +56,14 @@ class PackedBatches:
     def load_state(self, state: dict) -> None:
         self.position, self.ids, self.mask = int(state["position"]), list(state["ids"]), list(state["mask"])
 
+    def example(self, position: int):
+        """The conversation at `position` (anything with prompt_text and completion; subclasses read files)."""
+        return tasks.example_at(position, self.split, self.seed, **self.task_options)
+
     def _row(self) -> tuple[list[int], list[int]]:
         n = self.seq_len + 1
         while len(self.ids) < n:
-            ex = tasks.example_at(self.position, self.split, self.seed, **self.task_options)
-            ids, mask = encode_example(self.tokenizer, ex, self.mask_prompt)
+            ids, mask = encode_example(self.tokenizer, self.example(self.position), self.mask_prompt)
             self.ids += ids
             self.mask += mask
             self.position += 1

@@ -351,6 +351,7 @@ class GRPOTrainer(Trainer):
     def __init__(self, model, tokenizer, cfg: GRPOConfig, out: Union[str, Path], progress: bool = True,
                  tokenizer_dir: Optional[Path] = None, ref_model=None):
         cfg.check()
+        self.group, self.main = None, True  # one process (data parallelism: see compute_grads)
         self.model, self.tokenizer, self.cfg = model, tokenizer, cfg
         self.tokenizer_dir = Path(tokenizer_dir) if tokenizer_dir is not None else None
         self.out, self.progress = Path(out), progress
@@ -359,6 +360,7 @@ class GRPOTrainer(Trainer):
         self.moe = balance.moe_layers(model)
         self.lora = cfg.lora_settings if cfg.finetune in ("lora", "dora") else None
         if self.lora is not None and not lora.has_adapters(model):
+            mx.random.seed(cfg.seed)  # the adapters' A matrices are drawn: a run is a function of its seed
             lora.apply_lora(model, self.lora)
         balance.freeze_bias(model)
         if self.lora is None:  # full fine-tuning: the MTP module gets no gradient from GRPO; keep it fixed

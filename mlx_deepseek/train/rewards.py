@@ -44,9 +44,10 @@ def strip_eos(completion: str) -> str:
 
 
 def with_think(completion: str, example: dict) -> str:
-    """The completion with the `<think>` that the prompt pre-filled put back in front (if it did)."""
+    """The completion with the `<think>` that the prompt pre-filled put back in front (if it did: a completion
+    that opens another one then holds nested blocks)."""
     text = strip_eos(completion)
-    if example.get("prompt_text", "").rstrip().endswith(THINK) and not text.lstrip().startswith(THINK):
+    if example.get("prompt_text", "").rstrip().endswith(THINK):
         text = THINK + "\n" + text
     return text
 

@@ -1,0 +1,218 @@
+"""GRPO: loss and gradients equal TRL's (fixtures made by tests/fixtures/make_grpo_reference.py with TRL's own
+code) for every loss type, beta in {0, 0.04}, mu > 1 and the reward scale modes; micro-batches add up to the
+batch; LoRA adapters change after a step (and nothing else does); adapters off = the base; fuse; resume
+reproduces the same next step; the commands."""
+
+import json
+import shutil
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten
+
+from mlx_deepseek.cli import main
+from mlx_deepseek.train import lora
+from mlx_deepseek.train.grpo import (
+    GRPOConfig, GRPOTrainer, RolloutBatch, completion_logps, group_advantages, load_for_training, policy_loss,
+)
+from mlx_deepseek.train.loop import read_metrics
+from mlx_deepseek.train.vocab import copy_tokenizer
+from mlx_deepseek.weights import save_model
+from test_train import tiny_model
+
+FIX = Path(__file__).parent / "fixtures" / "grpo"
+REF = np.load(FIX / "loss.npz")
+ADV = np.load(FIX / "advantages.npz")
+SMALL = dict(steps=2, prompts_per_step=2, group_size=3, max_completion_tokens=6, temperature=1.0, lr=1e-2,
+             save_every=1, log_every=1, task_options={"levels": (1, 1)})
+
+
+def _trl_case_loss(case: str, logits: mx.array):
+    P = REF["prompt_ids"].shape[1]
+    logps, entropy = completion_logps(logits[:, P - 1:-1], mx.array(REF["completion_ids"]), float(REF["temperature"]))
+    return policy_loss(
+        logps, mx.array(REF["completion_mask"]), mx.array(REF[f"{case}/advantages"]),
+        old_logps=mx.array(REF["old"]) if int(REF[f"{case}/mu"]) > 1 else None, ref_logps=mx.array(REF["ref"]),
+        beta=float(REF[f"{case}/beta"]), epsilon=float(REF["epsilon"]), epsilon_high=float(REF["epsilon_high"]),
+        loss_type=str(REF[f"{case}/loss_type"]), max_completion_length=int(REF["max_completion_length"]),
+        entropy=entropy,
+    )
+
+
+@pytest.mark.parametrize("case", [str(c) for c in REF["cases"]])
+def test_loss_and_gradient_equal_trl(case):
+    (loss, stats), grad = mx.value_and_grad(lambda x: _trl_case_loss(case, x))(mx.array(REF["logits"]))
+    expected = REF[f"{case}/grad"]
+    assert abs(loss.item() - float(REF[f"{case}/loss"])) < 1e-6
+    assert np.abs(np.array(grad) - expected).max() <= 1e-5 * np.abs(expected).max()
+    assert np.abs(expected).max() > 1e-3  # a gradient flows
+    tokens = stats["tokens"].item()
+    for key in ("entropy", "clip_low", "clip_high", "clip_region") + (("kl",) if float(REF[f"{case}/beta"]) else ()):
+        assert stats[key].item() / tokens == pytest.approx(float(REF[f"{case}/{key}"]), abs=1e-6), key
+
+
+def test_the_fixtures_cover_clipping_and_every_setting():
+    cases = [str(c) for c in REF["cases"]]
+    assert {c.split("_beta")[0] for c in cases} == {"grpo", "bnpo", "dr_grpo", "dapo"}
+    assert {c.split("_")[-1] for c in cases} == {"group", "batch", "none"}
+    assert any("beta0.0_" in c for c in cases) and any("beta0.04" in c for c in cases)
+    assert any(float(REF[f"{c}/clip_region"]) > 0 for c in cases if "mu2" in c)
+
+
+@pytest.mark.parametrize("case", ["group_plain", "group_unscorable", "batch_plain", "batch_unscorable",
+                                  "none_plain", "none_unscorable"])
+def test_advantages_equal_trl(case):
+    adv, _, zero = group_advantages(ADV[f"{case}/rewards"], ADV["weights"], int(ADV["group_size"]), case.split("_")[0])
+    np.testing.assert_allclose(adv, ADV[f"{case}/advantages"], atol=1e-6)
+    np.testing.assert_array_equal(zero, ADV[f"{case}/zero_std"])
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo"])
+def test_micro_batches_add_up_to_the_batch(loss_type):
+    """Per-group shares with the batch's totals give the whole batch's loss and gradient (how the trainer
+    accumulates)."""
+    P, n = REF["prompt_ids"].shape[1], REF["completion_ids"].shape[0]
+    ids, mask = mx.array(REF["completion_ids"]), mx.array(REF["completion_mask"])
+    adv, old, ref = mx.array(REF["grpo_beta0.04_mu2_group/advantages"]), mx.array(REF["old"]), mx.array(REF["ref"])
+    kw = dict(beta=0.04, loss_type=loss_type, max_completion_length=8)
+
+    def loss(x, rows):
+        logps, _ = completion_logps(x[rows, P - 1:-1], ids[rows])
+        return policy_loss(logps, mask[rows], adv[rows], old[rows], ref[rows], n_sequences=n,
+                           n_tokens=mask.sum(), **kw)[0]
+
+    x = mx.array(REF["logits"])
+    whole, g_whole = mx.value_and_grad(lambda x: loss(x, mx.arange(n)))(x)
+    parts = [mx.value_and_grad(lambda x: loss(x, mx.arange(i, i + 3)))(x) for i in (0, 3)]
+    assert abs(whole.item() - sum(p[0].item() for p in parts)) < 1e-6
+    np.testing.assert_allclose(np.array(g_whole), np.array(parts[0][1] + parts[1][1]), atol=1e-6)
+
+
+# ---- the trainer on a tiny model -----------------------------------------------------------------------
+@pytest.fixture
+def tiny_folder(tmp_path, tok_dir):
+    folder = tmp_path / "tiny"
+    model = tiny_model()
+    save_model(model, folder, model.args.to_dict())
+    copy_tokenizer(tok_dir, folder)
+    return folder
+
+
+def _trainer(folder, out, **changes):
+    model, tok, _ = load_for_training(folder)
+    return GRPOTrainer(model, tok, GRPOConfig(**{**SMALL, **changes}), out, progress=False, tokenizer_dir=folder)
+
+
+def _params(model):
+    return {k: np.array(v) for k, v in tree_flatten(model.parameters())}
+
+
+def test_a_lora_step_changes_the_adapters_and_nothing_else(tiny_folder, tmp_path):
+    tr = _trainer(tiny_folder, tmp_path / "run", beta=0.04, mu=2, epsilon_high=0.28)
+    trainable = {k for k, _ in tree_flatten(tr.model.trainable_parameters())}
+    assert trainable and all(k.endswith(("lora_a", "lora_b")) for k in trainable)
+    assert any(".switch_mlp." in k for k in trainable) and any("kv_a_proj_with_mqa" in k for k in trainable)
+    before = _params(tr.model)
+    row = tr.train_step()
+    after = _params(tr.model)
+    changed = {k for k in before if not np.array_equal(before[k], after[k])}
+    assert changed and changed <= trainable
+    assert any(k.endswith("lora_b") for k in changed)  # B starts at zero: a real update
+    for key in ("reward", "rewards/accuracy", "rewards/format", "rewards/language", "kl", "entropy", "clip_region",
+                "completion_length", "truncation", "zero_std_frac", "grad_norm", "load_max_mean"):
+        assert key in row, key
+    # the reference (adapters disabled) is the base model
+    x = mx.array([[1, 5, 9, 12]])
+    base = tiny_model()
+    with lora.adapters_disabled(tr.model):
+        np.testing.assert_allclose(np.array(tr.model(x)), np.array(base(x)), atol=1e-5)
+    adapted = np.array(tr.model(x))
+    assert np.abs(adapted - np.array(base(x))).max() > 1e-6
+    lora.fuse(tr.model)
+    assert not lora.has_adapters(tr.model)
+    np.testing.assert_allclose(np.array(tr.model(x)), adapted, atol=1e-4)
+
+
+def test_dora_and_full_finetuning_steps(tiny_folder, tmp_path):
+    tr = _trainer(tiny_folder, tmp_path / "dora", finetune="dora", beta=0.04)
+    assert any(isinstance(m, lora.DoRALinear) for _, m in tr.model.named_modules())
+    tr.train_step()
+    model, tok, _ = load_for_training(tiny_folder)
+    ref, _, _ = load_for_training(tiny_folder)
+    ref.freeze()
+    cfg = GRPOConfig(**{**SMALL, "finetune": "full", "beta": 0.04})
+    full = GRPOTrainer(model, tok, cfg, tmp_path / "full", progress=False, ref_model=ref)
+    bias = [np.array(m.gate.e_score_correction_bias) for m in full.moe]
+    ref_before = _params(ref)
+    before = _params(model)
+    full.train_step()
+    after = _params(model)
+    assert any(not np.array_equal(before[k], after[k]) for k in before if ".mlp.switch_mlp." in k)
+    assert all(np.array_equal(b, np.array(m.gate.e_score_correction_bias)) for b, m in zip(bias, full.moe))
+    assert all(np.array_equal(v, np.array(dict(tree_flatten(ref.parameters()))[k])) for k, v in ref_before.items())
+    with pytest.raises(ValueError, match="reference"):
+        GRPOTrainer(load_for_training(tiny_folder)[0], tok, cfg, tmp_path / "x", progress=False)
+
+
+def test_resume_reproduces_the_next_step(tiny_folder, tmp_path):
+    a = _trainer(tiny_folder, tmp_path / "a", mu=2, beta=0.04)
+    a.run()
+    b = _trainer(tiny_folder, tmp_path / "b", mu=2, beta=0.04)
+    b.cfg.steps = 1
+    b.run()
+    shutil.rmtree(tmp_path / "b" / "model")
+    shutil.rmtree(tmp_path / "b" / "adapters")
+    b2 = _trainer(tiny_folder, tmp_path / "b", mu=2, beta=0.04)
+    b2.run(resume=True)
+    ma, mb = read_metrics(tmp_path / "a"), read_metrics(tmp_path / "b")
+    assert [r["step"] for r in mb] == [1, 2]
+    for key in ("reward", "loss", "kl", "completion_length", "grad_norm"):
+        assert ma[1][key] == pytest.approx(mb[1][key], rel=1e-5, abs=1e-7), key
+    wa = mx.load(str(tmp_path / "a" / "adapters" / lora.ADAPTER_FILE))
+    wb = mx.load(str(tmp_path / "b" / "adapters" / lora.ADAPTER_FILE))
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        np.testing.assert_allclose(np.array(wa[k]), np.array(wb[k]), atol=1e-6)
+    state = json.loads((tmp_path / "b" / "checkpoints" / "step-0000002" / "trainer" / "state.json").read_text())
+    assert state["step"] == 2 and state["data"]["position"] == 4
+
+
+def test_zero_variance_groups_are_counted_and_resampled(tiny_folder, tmp_path, monkeypatch):
+    tr = _trainer(tiny_folder, tmp_path / "z", rewards={"accuracy": 1.0}, resample_zero_std=2)
+    calls = []
+    orig = tr.reward_set.score
+
+    def score(completions, examples):
+        calls.append(len(completions))
+        return orig(completions, examples)
+
+    monkeypatch.setattr(tr.reward_set, "score", score)
+    batch = tr.make_batch()
+    assert isinstance(batch, RolloutBatch) and len(batch.groups) == 2
+    # a random tiny model answers nothing right: every group has zero variance, so two more rounds were drawn
+    assert batch.zero_std_frac == 1.0 and len(calls) == 6 and tr.data.position == 6  # 3 rounds x 2 groups
+    assert np.all(batch.advantages == 0)
+
+
+def test_train_grpo_command_with_a_raising_reward_and_fuse(tiny_folder, tmp_path):
+    rewards = tmp_path / "mine.py"
+    rewards.write_text("def flaky(completion, example):\n    raise ValueError('always')\n")
+    out = tmp_path / "run"
+    assert main(["train", "grpo", "--model", str(tiny_folder), "--task", "arithmetic", "--out", str(out),
+                 "--steps", "2", "--prompts", "2", "--group-size", "2", "--max-completion-tokens", "5",
+                 "--reward-file", str(rewards), "--reward", "accuracy=1", "--reward", "flaky=0.5",
+                 "--eval-every", "2", "--eval-n", "2", "--levels", "1", "1", "--no-progress"]) == 0
+    rows = read_metrics(out)
+    assert rows[0]["step"] == 0 and "eval_accuracy" in rows[0]
+    assert rows[-1]["reward_errors"] == {"flaky": 8} and "eval_accuracy" in rows[-1]
+    assert (out / "model" / "config.json").exists() and (out / "adapters" / lora.ADAPTER_FILE).exists()
+    fused = tmp_path / "fused"
+    assert main(["fuse", "--model", str(tiny_folder), "--adapters", str(out / "adapters"), "--out", str(fused)]) == 0
+    from mlx_deepseek import load_model
+
+    x = mx.array([[1, 5, 9, 12]])
+    np.testing.assert_allclose(np.array(load_model(fused)(x)), np.array(load_model(out / "model")(x)), atol=1e-4)
+    assert main(["train", "grpo", "--model", str(tiny_folder), "--out", str(out), "--steps", "3",
+                 "--no-progress"]) == 2  # checkpoints there and no --resume
