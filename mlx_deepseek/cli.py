@@ -71,15 +71,27 @@ def cmd_generate(a: argparse.Namespace) -> int:
     from .chat import apply_chat_template
     from .generate import stream_generate
 
-    model, tokenizer = load(a.model, dtype=a.dtype, **_offload(a))
+    sampling = _sampling(a)
+    if a.parallel and (a.hostfile or a.ranks) and not _launched():
+        from .parallel.launch import relaunch
+
+        return relaunch(a.argv, a.ranks, a.hostfile, a.backend)  # this command, on every rank
+    if a.parallel:
+        from .parallel import join
+
+        if a.mtp or getattr(a, "expert_memory", None) is not None:
+            raise ValueError("--mtp and expert offloading do not run with --parallel; leave them out")
+        model, tokenizer, sampling.seed = join(a.model, a.parallel, a.dtype, sampling.seed)
+    else:
+        model, tokenizer = load(a.model, dtype=a.dtype, **_offload(a))
     if a.raw:
         prompt = a.prompt
     else:
         messages = ([{"role": "system", "content": a.system}] if a.system else []) + [{"role": "user", "content": a.prompt}]
         prompt = apply_chat_template(tokenizer, messages, model.args.model_type, a.template)
     stream = stream_generate(
-        model, tokenizer, prompt, max_tokens=a.max_tokens, sampling=_sampling(a), stop=a.stop or (),
-        mtp=a.mtp, trace=a.json, kv_bits=a.kv_bits,
+        model, tokenizer, prompt, max_tokens=a.max_tokens, sampling=sampling, stop=a.stop or (),
+        mtp=a.mtp, trace=a.json and a.parallel != "pp", kv_bits=a.kv_bits,
     )
     in_reasoning = False
     for chunk in stream:
@@ -111,6 +123,29 @@ def cmd_generate(a: argparse.Namespace) -> int:
         line += (f" | experts offloaded ({result.offload['residency']:.0%} resident): decode hit rate "
                  f"{d['hit_rate'] or 0:.1%}, {d['bytes_read_per_token'] / 1e6:.2f} MB read/token, {d['stall_s']:.2f} s stalled")
     print(line, file=sys.stderr)
+    return 0
+
+
+def _launched() -> bool:
+    from .parallel.launch import launched
+
+    return launched()
+
+
+def _parallel_args(p: argparse.ArgumentParser, what: str) -> None:
+    """Flags that run a command on several ranks (mlx.launch underneath; see DISTRIBUTED.md)."""
+    p.add_argument("--hostfile", default=None, help=f"mlx.launch hostfile: {what} on these machines")
+    p.add_argument("--ranks", type=int, default=None, help=f"{what} on N local ranks (ring over 127.0.0.1)")
+    p.add_argument("--backend", default=None, choices=("ring", "jaccl", "jaccl-ring", "mpi", "nccl"),
+                   help="mlx.distributed backend (default: the hostfile's, else ring; nccl on CUDA)")
+
+
+def cmd_bench_distributed(a: argparse.Namespace) -> int:
+    from .parallel.bench import bench_distributed, format_distributed
+
+    r = bench_distributed(a.ranks or 2, a.hostfile, a.backend, a.layers, a.scale, a.bits or None, a.prompt_tokens,
+                          a.gen_tokens, a.trials, a.batch, a.seq_len, a.steps, a.model)
+    print(json.dumps(r, indent=2) if a.json else format_distributed(r))
     return 0
 
 
@@ -434,6 +469,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--raw", action="store_true", help="use the prompt as is, without a chat template")
     gen.add_argument("--dtype", default=None, choices=("float32", "float16", "bfloat16"))
     gen.add_argument("--json", action="store_true", help="print one JSON object (with the expert statistics)")
+    gen.add_argument("--parallel", default=None, choices=("ep", "pp"),
+                     help="split the model over ranks: ep (routed experts) or pp (layers); each rank reads its part")
+    _parallel_args(gen, "generate")
     _offload_args(gen)
     gen.set_defaults(func=cmd_generate)
 
@@ -513,6 +551,20 @@ def build_parser() -> argparse.ArgumentParser:
     bg.add_argument("--trials", type=int, default=3)
     bg.add_argument("--json", action="store_true")
     bg.set_defaults(func=cmd_bench_generate)
+    bd = benches.add_parser("distributed", help="1 rank vs N: EP/PP decode tok/s, DP training tok/s, bytes read")
+    bd.add_argument("--model", default=None, help="an MoE checkpoint (default: a random V2-Lite-shaped one)")
+    bd.add_argument("--layers", type=int, default=8, help="layers of the random checkpoint")
+    bd.add_argument("--scale", type=float, default=0.5, help="width scale of the random checkpoint")
+    bd.add_argument("--bits", type=int, default=4, help="quantization of the random checkpoint (0: unquantized)")
+    bd.add_argument("--prompt-tokens", type=int, default=64)
+    bd.add_argument("--gen-tokens", type=int, default=64)
+    bd.add_argument("--trials", type=int, default=3)
+    bd.add_argument("--batch", type=int, default=8, help="global training batch (sequences)")
+    bd.add_argument("--seq-len", type=int, default=128)
+    bd.add_argument("--steps", type=int, default=5, help="timed training steps")
+    bd.add_argument("--json", action="store_true")
+    _parallel_args(bd, "measure")
+    bd.set_defaults(func=cmd_bench_distributed)
     bc = benches.add_parser("convert", help="time and peak RSS of this converter vs mlx_lm.convert")
     bc.add_argument("--layers", type=int, default=3, help="layers of the random V2-Lite-shaped checkpoint")
     bc.add_argument("--scale", type=float, default=1.0, help="width scale of the random checkpoint")
@@ -529,6 +581,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # re-run on every rank by --hostfile / --ranks
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError, FileExistsError) as e:  # ConfigError, CheckpointError, bad paths

@@ -1,6 +1,6 @@
 """Run by every rank of the distributed tests (see test_distributed.py): `python distributed_worker.py OUT
-JOB...`, each JOB `logits:MODE:FOLDER` (EP/PP forward pass and greedy decode of a checkpoint) or
-`dp:TOKENIZER:BATCH.npz` (one data-parallel training step). Rank r writes OUT/rank{r}.npz."""
+JOB...`, each JOB `logits:MODE:FOLDER` (EP/PP forward pass and greedy decode of a checkpoint),
+`cli:MODE:FOLDER` (the generate command) or `dp:TOKENIZER:BATCH.npz` (one data-parallel training step). Rank r writes OUT/rank{r}.npz."""
 
 import json
 import sys
@@ -58,14 +58,32 @@ def dp_job(tokenizer: str, batch: str, out: dict, group) -> None:
         out[f"dp/param/{k}"] = np.array(v)
 
 
+def cli_job(mode: str, folder: str, out: dict) -> None:
+    """`mlx-deepseek generate --parallel MODE --json` inside the ranks: rank 0's stdout."""
+    import contextlib
+    import io
+
+    from mlx_deepseek.cli import main as cli
+
+    text = io.StringIO()
+    with contextlib.redirect_stdout(text):
+        cli(["generate", "--model", folder, "--prompt", "w5 w6 w7 w8", "--raw", "--max-tokens", "8",
+             "--dtype", "float32", "--parallel", mode, "--json"])
+    out[f"cli:{mode}"] = text.getvalue()
+
+
 def main() -> None:
     group = mx.distributed.init(strict=True)
     out_dir, jobs = Path(sys.argv[1]), sys.argv[2:]
-    out: dict = {"size": group.size()}
+    from mlx_deepseek.parallel import common_seed
+
+    out: dict = {"size": group.size(), "seed": common_seed(None, group)}
     for job in jobs:
         kind, a, b = job.split(":", 2)
         if kind == "logits":
             logits_job(a, b, out, f"{a}:{b}")
+        elif kind == "cli":
+            cli_job(a, b, out)
         else:
             dp_job(a, b, out, group)
     np.savez(out_dir / f"rank{group.rank()}.npz", **out)

@@ -6,6 +6,7 @@ the concatenated batch. The ranks run tests/distributed_worker.py once for all c
 import json
 import os
 import re
+import shutil
 import sys
 from pathlib import Path
 
@@ -21,7 +22,8 @@ from mlx_deepseek.config import ModelArgs
 from mlx_deepseek.generate import generate_tokens
 from mlx_deepseek.models import Model
 from mlx_deepseek.parallel import split
-from mlx_deepseek.parallel.launch import run_ranks
+from mlx_deepseek.cli import main
+from mlx_deepseek.parallel.launch import launch_command, rank_command, run_ranks
 from mlx_deepseek.train.data import PackedBatches
 from mlx_deepseek.train.loop import TrainConfig, Trainer, init_weights
 from mlx_deepseek.weights import read_header, save_model, weight_files
@@ -72,10 +74,20 @@ def dp_batch(tmp_path_factory, tok_dir, tok):
 
 
 @pytest.fixture(scope="module")
-def ranks(tmp_path_factory, checkpoints, dp_batch, tok_dir):
+def chat_model(tmp_path_factory):
+    """The V3 fixture with a word-level tokenizer ('w5' is token 5)."""
+    folder = tmp_path_factory.mktemp("chat") / "v3"
+    shutil.copytree(FIXTURES / "deepseek_v3", folder)
+    write_tokenizer(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory, checkpoints, dp_batch, tok_dir, chat_model):
     """Both ranks' results of every job (one mlx.launch run)."""
     out = tmp_path_factory.mktemp("ranks")
     jobs = [f"logits:{mode}:{path}" for path in checkpoints.values() for mode in ("ep", "pp")]
+    jobs += [f"cli:{mode}:{chat_model}" for mode in ("ep", "pp")]
     jobs.append(f"dp:{tok_dir}:{dp_batch[0]}")
     run_ranks([sys.executable, str(WORKER), str(out), *jobs], ranks=2, backend="ring", timeout=300, env=env())
     return [dict(np.load(out / f"rank{r}.npz")) for r in range(2)]
@@ -150,3 +162,26 @@ def test_data_parallel_step_equals_single_process_step(ranks, dp_batch, tok):
     moved = max(np.abs(single[k] - v).max() for k, v in tree_flatten(Model(ModelArgs.from_dict(TINY)).parameters())
                 if k in single)
     assert moved > 1e-3  # the step did change the parameters
+
+
+def test_generate_command_on_the_ranks(ranks, chat_model, capsys):
+    """`mlx-deepseek generate --parallel ep|pp` inside mlx.launch: rank 0 prints the single-process answer,
+    the other ranks print nothing; the ranks agree on one sampling seed."""
+    argv = ["generate", "--model", str(chat_model), "--prompt", "w5 w6 w7 w8", "--raw", "--max-tokens", "8",
+            "--dtype", "float32", "--json"]
+    assert main(argv) == 0
+    single = json.loads(capsys.readouterr().out)
+    for mode in ("ep", "pp"):
+        got = json.loads(str(ranks[0][f"cli:{mode}"]))
+        assert got["tokens"] == single["tokens"] and got["text"] == single["text"]
+        assert str(ranks[1][f"cli:{mode}"]) == ""
+    assert int(ranks[0]["seed"]) == int(ranks[1]["seed"])
+
+
+def test_launch_flags_become_an_mlx_launch_command():
+    argv = ["generate", "--prompt", "hi", "--parallel", "ep", "--ranks", "2", "--backend=ring", "--max-tokens", "4"]
+    assert rank_command(argv)[3:] == ["generate", "--prompt", "hi", "--parallel", "ep", "--max-tokens", "4"]
+    cmd = launch_command(["python", "x.py"], ranks=2, backend="ring")
+    assert cmd[cmd.index("-n") + 1] == "2" and cmd[cmd.index("--backend") + 1] == "ring" and cmd[-3:] == ["--", "python", "x.py"]
+    cmd = launch_command(["python", "x.py"], hostfile="hosts.json")
+    assert cmd[cmd.index("--hostfile") + 1] == "hosts.json" and "--backend" not in cmd  # the hostfile's own

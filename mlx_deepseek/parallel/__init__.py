@@ -24,3 +24,22 @@ __all__ = [
     "LocalExperts", "PipelineStage", "Shard", "active", "average_gradients", "common_seed", "global_sum", "load_sharded",
     "pipeline", "plan", "shard_experts", "shard_rows", "split",
 ]
+
+
+def join(path_or_repo, parallel: str, dtype=None, seed=None):
+    """A rank's setup for distributed generation (inside mlx.launch): (this rank's part of the model, the
+    tokenizer, one sampling seed for every rank). Ranks other than 0 print nothing (stdout to /dev/null)."""
+    import os
+    import sys
+
+    import mlx.core as mx
+
+    from ..loading import resolve
+    from ..tokenizer import load_tokenizer
+
+    group = mx.distributed.init()
+    if group.rank() != 0:
+        sys.stdout = open(os.devnull, "w")
+    folder = resolve(path_or_repo)
+    model = load_sharded(folder, parallel, group, dtype)
+    return model, load_tokenizer(folder), common_seed(seed, group)

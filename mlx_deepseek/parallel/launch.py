@@ -50,8 +50,8 @@ def launch_command(command: Sequence[str], ranks: Optional[int] = None, hostfile
     backend = backend or (None if hostfile is not None else "ring")
     if backend:
         cmd += ["--backend", backend]
-    if backend in (None, "ring"):
-        cmd += ["--starting-port", str(free_port_range(ranks or 8))]
+    if ranks is not None and backend == "ring":  # local ranks: ports that are free here
+        cmd += ["--starting-port", str(free_port_range(ranks))]
     if python:
         cmd += ["--python", python]
     return cmd + ["--", *command]
@@ -60,9 +60,34 @@ def launch_command(command: Sequence[str], ranks: Optional[int] = None, hostfile
 def run_ranks(command: Sequence[str], ranks: Optional[int] = 2, hostfile: Optional[str] = None,
               backend: Optional[str] = None, timeout: Optional[float] = None, env: Optional[dict] = None,
               capture: bool = True) -> subprocess.CompletedProcess:
-    """Run `command` on every rank through mlx.launch and wait; raises with the ranks' output on failure."""
-    cmd = launch_command(command, ranks if hostfile is None else None, hostfile, backend)
+    """Run `command` on every rank through mlx.launch (one local rank: directly) and wait; raises with the
+    ranks' output on failure."""
+    single = hostfile is None and ranks == 1  # one local rank is a plain process (mlx.launch needs two)
+    cmd = list(command) if single else launch_command(command, ranks if hostfile is None else None, hostfile, backend)
     r = subprocess.run(cmd, capture_output=capture, text=True, timeout=timeout, env=env)
     if r.returncode != 0 or (capture and "exited with code" in r.stderr):  # mlx.launch may exit 0 when a rank failed
         raise RuntimeError(f"{' '.join(command)} failed on the ranks (exit {r.returncode}):\n{r.stdout}\n{r.stderr}")
     return r
+
+
+LAUNCH_FLAGS = ("--hostfile", "--ranks", "--backend")
+
+
+def rank_command(argv: Sequence[str]) -> list[str]:
+    """The command each rank runs for `mlx-deepseek ARGV`: the same, less the launch flags."""
+    rest, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in LAUNCH_FLAGS:
+            skip = True
+        elif not arg.startswith(tuple(f + "=" for f in LAUNCH_FLAGS)):
+            rest.append(arg)
+    return [sys.executable, "-m", "mlx_deepseek.cli", *rest]
+
+
+def relaunch(argv: Sequence[str], ranks: Optional[int] = None, hostfile: Optional[str] = None,
+             backend: Optional[str] = None) -> int:
+    """Run `mlx-deepseek ARGV` on every rank through mlx.launch and wait. The ranks' output passes through
+    (only rank 0 prints); returns the exit status."""
+    return subprocess.run(launch_command(rank_command(argv), ranks, hostfile, backend)).returncode
