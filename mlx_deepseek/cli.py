@@ -213,6 +213,10 @@ def cmd_train(a: argparse.Namespace) -> int:
     if a.train == "pretrain":
         from .train.pretrain import pretrain
 
+        if (a.hostfile or a.ranks) and not _launched():  # data parallelism: this command on every rank
+            from .parallel.launch import relaunch
+
+            return relaunch(a.argv, a.ranks, a.hostfile, a.backend)
         out = pretrain(a.out, TrainConfig.from_dict(settings), config=a.config, tokenizer=a.tokenizer,
                        resume=a.resume, progress=not a.no_progress)
     else:
@@ -268,6 +272,7 @@ def _add_train_parser(sub) -> None:
     pre.add_argument("--config", default=None, help="model config.json (default: the nano-r1 config)")
     pre.add_argument("--tokenizer", default=None, help="tokenizer folder (default: train one into OUT/tokenizer)")
     common(pre)
+    _parallel_args(pre, "train data-parallel")
     sft = kinds.add_parser("sft", help="cold-start SFT on chat-formatted traces (loss on assistant tokens only)")
     sft.add_argument("--model", default=None, help="model folder to fine-tune (default: the bundled nano-r1)")
     common(sft)

@@ -14,6 +14,7 @@ from typing import Optional, Union
 
 import mlx.core as mx
 
+from .. import parallel
 from ..config import ModelArgs
 from ..models import Model
 from ..tokenizer import load_tokenizer
@@ -62,11 +63,16 @@ def pretrain(
     if out.exists() and any((out / "checkpoints").glob(f"step-*/{STATE_FILE}")) and not resume:
         raise ValueError(f"{out} holds checkpoints of an earlier run; pass resume=True (--resume) or a new folder")
     out.mkdir(parents=True, exist_ok=True)
+    group = parallel.active(mx.distributed.init())  # data parallelism when started by mlx.launch
+    if group is not None and group.rank() != 0:
+        mx.eval(parallel.global_sum(mx.array(0.0), group))  # wait for rank 0's tokenizer
     tok_dir = ensure_tokenizer(out, tokenizer)
+    if group is not None and group.rank() == 0:
+        mx.eval(parallel.global_sum(mx.array(0.0), group))
     tok = load_tokenizer(tok_dir)
     args = ModelArgs.from_dict(model_config(config, len(tok)))
     mx.random.seed(cfg.seed)
     model = Model(args)
     init_weights(model, cfg.seed)
-    trainer = Trainer(model, tok, cfg, out, progress=progress, tokenizer_dir=tok_dir)
+    trainer = Trainer(model, tok, cfg, out, progress=progress, tokenizer_dir=tok_dir, group=group)
     return trainer.run(resume=resume)
