@@ -41,6 +41,7 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
+from .. import parallel
 from ..chat import apply_chat_template
 from ..generate import Sampling, batch_generate
 from ..loading import load_model, resolve
@@ -480,6 +481,7 @@ class GRPOTrainer(Trainer):
             for name, v in stats.items():
                 sums[name] = sums.get(name, 0.0) + v.item()
             counts = np.array(c) if counts is None else counts + np.array(c)
+        grads = parallel.average_gradients(grads, getattr(self, "group", None))  # data parallelism (a group of >1 ranks)
         tokens = max(sums.pop("tokens"), 1.0)
         out = {"loss": loss, **{k: v / tokens for k, v in sums.items()}}
         if counts is not None and counts.size:
