@@ -147,3 +147,36 @@ def load_sharded(
     mx.eval(model.parameters())
     object.__setattr__(model, "shard", shard)  # a plain attribute, not a parameter
     return model
+
+
+def memory_per_rank(args: ModelArgs, mode: str, ranks: int, bits: int = 4, group_size: int = 64,
+                    context: int = 32768) -> dict:
+    """Weight and KV-cache bytes of the fullest rank when `args`'s model is split `mode` over `ranks`,
+    every matrix (embedding and head included) affine-quantized to `bits` with a float16 scale and bias per
+    `group_size` weights, vectors (norms, router bias) in float32; the MTP module is not loaded. The KV
+    cache is MLA's latent + k_pe (bfloat16) of `context` tokens: whole on every rank for EP (attention is
+    replicated), by layer for PP. Nothing is allocated (shapes of a lazily built model)."""
+    from dataclasses import replace
+
+    from mlx.utils import tree_flatten
+
+    shapes = dict(tree_flatten(Model(replace(args, quantization=None, num_nextn_predict_layers=0)).parameters()))
+    per_weight = bits / 8 + 4 / group_size  # payload + fp16 scale and bias per group
+
+    def nbytes(a) -> float:
+        return a.size * (per_weight if a.ndim >= 2 else 4)
+
+    kv_layer = args.kv_cache_bytes_per_token(2) / args.num_hidden_layers * context
+    worst = {"weights": 0.0, "kv_cache": 0.0}
+    for rank in range(ranks):
+        shard = plan(args, mode, rank, ranks)
+        weights = 0.0
+        for name, a in shapes.items():
+            m = _LAYER.match(name)
+            if m is not None and int(m.group(1)) not in shard.layers:
+                continue
+            share = len(shard.experts) / args.n_routed_experts if shard.experts and ".switch_mlp." in name else 1.0
+            weights += nbytes(a) * share
+        kv = kv_layer * len(shard.layers)
+        worst = {"weights": max(worst["weights"], weights), "kv_cache": max(worst["kv_cache"], kv)}
+    return worst
