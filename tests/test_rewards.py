@@ -110,3 +110,12 @@ def test_reward_configuration_errors(tmp_path):
     (tmp_path / "empty.py").write_text("X = 1\n")
     with pytest.raises(ValueError, match="no reward function"):
         RewardSet.build({"accuracy": 1.0}, tmp_path / "empty.py")
+
+
+@pytest.mark.parametrize("answer, got, expected", [
+    ("12345", "12345", 1.0), ("12345", "12355", 0.8), ("12345", "2345", 0.8), ("-12", "12", 2 / 3), ("12", "x", 0.0),
+])
+def test_digits_partial_credit(answer, got, expected):
+    from mlx_deepseek.train.rewards import digits_reward
+
+    assert digits_reward(f"</think>\\boxed{{{got}}}", {**PREFILLED, "answer": answer}) == pytest.approx(expected)

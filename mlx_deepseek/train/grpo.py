@@ -686,3 +686,31 @@ def fuse_adapters(base, adapters: Union[str, Path], out: Union[str, Path], dequa
         save_model(model, tmp, model.args.to_dict())
         copy_tokenizer(folder, tmp)
     return Path(out)
+
+
+def rollout_speed(model, tokenizer, n_prompts: int = 4, group_size: int = 8, max_tokens: int = 128,
+                  temperature: float = 1.0, split: str = "hard", seed: int = 7) -> dict:
+    """Tokens/s of GRPO's batched group rollouts (P prompts x G samples in one batch) against generating the
+    same number of samples one at a time (`generate`, the compiled single-sequence decoder)."""
+    from ..generate import generate
+
+    rows = [task_row(ex) for ex in tasks.generate(n_prompts, split=split, seed=seed)]
+    texts = [prompt_text(tokenizer, model, r) for r in rows]
+    sampling = Sampling(temperature=temperature)
+    batch_generate(model, tokenizer, texts[:1], n=2, max_tokens=8, sampling=sampling)  # warm up
+    generate(model, tokenizer, texts[0], max_tokens=8, sampling=sampling)
+    mx.random.seed(seed)
+    tic = time.perf_counter()
+    results = batch_generate(model, tokenizer, texts, n=group_size, max_tokens=max_tokens, sampling=sampling)
+    batched_s = time.perf_counter() - tic
+    batched_tokens = sum(len(r.tokens) for r in results)
+    tic, single_tokens = time.perf_counter(), 0
+    for text in texts:
+        for _ in range(group_size):
+            single_tokens += len(generate(model, tokenizer, text, max_tokens=max_tokens, sampling=sampling).tokens)
+    single_s = time.perf_counter() - tic
+    out = {"prompts": n_prompts, "group_size": group_size, "max_tokens": max_tokens,
+           "batched_tokens": batched_tokens, "batched_tokens_per_s": batched_tokens / batched_s,
+           "single_tokens": single_tokens, "single_tokens_per_s": single_tokens / single_s}
+    out["speedup"] = out["batched_tokens_per_s"] / out["single_tokens_per_s"]
+    return out

@@ -14,6 +14,7 @@ Built in:
   a non-empty answer holding a \\boxed{} (no further think tags).
 - `language`: the share of target-language words in the reasoning (R1's language-consistency reward): CJK
   characters count as Chinese words, runs of Latin letters as English words; digits and symbols are neutral.
+- `digits` (opt-in): partial credit, the share of the expected integer's digits (and sign) right, from the right.
 
 User functions come from a Python file (`load_reward_file`). A function that raises gives NaN for that
 completion (as TRL does for None), is counted per function and never stops the run.
@@ -145,7 +146,19 @@ def language_reward(completion: str, example: dict) -> float:
     return language_share(reasoning_part(completion, example), lang)
 
 
-BUILTIN: dict[str, RewardFn] = {"accuracy": accuracy_reward, "format": format_reward, "language": language_reward}
+def digits_reward(completion: str, example: dict) -> float:
+    """Partial credit for integer answers: the share of the expected digits (and sign) that the final answer has
+    right, aligned from the right (1.0 exactly when accuracy is 1; not on by default)."""
+    got, want = final_answer(completion), normalize(str(example["answer"]))
+    if got is None or not re.fullmatch(r"-?\d+", got) or not re.fullmatch(r"-?\d+", want):
+        return 0.0
+    a, b = got[::-1], want[::-1]
+    same = sum(x == y for x, y in zip(a, b))
+    return same / max(len(a), len(b))
+
+
+BUILTIN: dict[str, RewardFn] = {"accuracy": accuracy_reward, "format": format_reward, "language": language_reward,
+                                "digits": digits_reward}
 DEFAULT_WEIGHTS = {"accuracy": 1.0, "format": 0.2, "language": 0.1}
 
 
