@@ -328,7 +328,7 @@ _GRPO_SETTINGS = (  # flag -> GRPOConfig field
     "steps", "prompts_per_step", "group_size", "max_completion_tokens", "temperature", "top_p", "loss_type",
     "scale_rewards", "beta", "epsilon", "epsilon_high", "mu", "resample_zero_std", "lr", "warmup", "min_lr_ratio",
     "weight_decay", "grad_clip", "finetune", "bias_gamma", "reward_file", "task", "split", "data_seed", "seed",
-    "eval_every", "eval_split", "eval_data", "eval_n", "eval_max_tokens", "log_every", "save_every",
+    "eval_every", "eval_split", "eval_data", "eval_n", "eval_max_tokens", "log_every", "save_every", "max_minutes",
 )
 
 
@@ -379,6 +379,7 @@ def _add_grpo_parsers(kinds) -> None:
     g.add_argument("--eval-max-tokens", type=int)
     g.add_argument("--log-every", type=int)
     g.add_argument("--save-every", type=int)
+    g.add_argument("--max-minutes", type=float, help="stop after the step that passes this wall time")
     g.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     g.add_argument("--no-progress", action="store_true")
     g.set_defaults(func=cmd_grpo)

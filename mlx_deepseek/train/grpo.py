@@ -200,6 +200,7 @@ class GRPOConfig:
     log_every: int = 1
     save_every: int = 10
     keep_checkpoints: int = 2
+    max_minutes: float = 0.0  # stop (checkpoint, final model) after the step that passes this wall time (0: no limit)
 
     @classmethod
     def from_dict(cls, d: dict) -> "GRPOConfig":
@@ -603,13 +604,16 @@ class GRPOTrainer(Trainer):
         from tqdm import tqdm
 
         bar = tqdm(total=cfg.steps, initial=self.step, disable=not self.progress, unit="step", dynamic_ncols=True)
+        started = time.perf_counter()
         with open(self.out / "metrics.jsonl", "a") as metrics:
             if cfg.eval_every and self.step == 0:
                 metrics.write(json.dumps({"step": 0, **{f"eval_{k}": v for k, v in self.evaluate().items()}}) + "\n")
             while self.step < cfg.steps:
                 row = self.train_step()
                 bar.update(1)
-                last = self.step == cfg.steps
+                out_of_time = bool(cfg.max_minutes) and time.perf_counter() - started > 60 * cfg.max_minutes
+                last = self.step == cfg.steps or out_of_time
+                row["minutes"] = (time.perf_counter() - started) / 60
                 if cfg.eval_every and (self.step % cfg.eval_every == 0 or last):
                     row.update({f"eval_{k}": v for k, v in self.evaluate().items()})
                 if self.step % cfg.log_every == 0 or last or "eval_accuracy" in row:
@@ -620,6 +624,9 @@ class GRPOTrainer(Trainer):
                                                                             if "eval_accuracy" in row else {}))
                 if self.step % cfg.save_every == 0 or last:
                     self.save_checkpoint()
+                if out_of_time:
+                    print(f"stopping after step {self.step}: the {cfg.max_minutes}-minute limit has passed")
+                    break
         bar.close()
         return self.save_final()
 
