@@ -194,10 +194,10 @@ _TRAIN_SETTINGS = (  # flag -> TrainConfig field, for `train pretrain` and `trai
 
 def cmd_train(a: argparse.Namespace) -> int:
     if a.train == "plot":
-        from .train.plot import plot_runs
+        from .train.plot import plot_grpo, plot_runs
 
         runs = [(Path(m).parent.name, Path(m)) for m in a.metrics]
-        print(f"wrote {plot_runs(runs, Path(a.output))}")
+        print(f"wrote {(plot_grpo if a.grpo else plot_runs)(runs, Path(a.output))}")
         return 0
     if a.train == "tokenizer":
         from .train.vocab import train_tokenizer
@@ -233,6 +233,7 @@ def _add_train_parser(sub) -> None:
     plot = kinds.add_parser("plot", help="training curves of runs (metrics.jsonl files, in order) as a PNG")
     plot.add_argument("metrics", nargs="+", help="metrics.jsonl of each run")
     plot.add_argument("-o", "--output", required=True, help="PNG file")
+    plot.add_argument("--grpo", action="store_true", help="GRPO runs: rewards and held-out accuracy")
     plot.set_defaults(func=cmd_train)
     tok = kinds.add_parser("tokenizer", help="train the sentencepiece tokenizer on the synthetic task corpus")
     tok.add_argument("--out", required=True, help="tokenizer folder (written atomically)")

@@ -9,8 +9,7 @@ import json
 from pathlib import Path
 
 
-def plot_runs(runs: list[tuple[str, Path]], out: Path) -> Path:
-    """runs: (label, metrics.jsonl) in training order; steps of later runs continue the x axis."""
+def _pyplot():
     try:
         import matplotlib
 
@@ -18,6 +17,12 @@ def plot_runs(runs: list[tuple[str, Path]], out: Path) -> Path:
         import matplotlib.pyplot as plt
     except ImportError:
         raise ValueError("plotting needs matplotlib: pip install matplotlib") from None
+    return plt
+
+
+def plot_runs(runs: list[tuple[str, Path]], out: Path) -> Path:
+    """runs: (label, metrics.jsonl) in training order; steps of later runs continue the x axis."""
+    plt = _pyplot()
     fig, (loss_ax, load_ax) = plt.subplots(1, 2, figsize=(11, 4))
     offset = 0
     for label, path in runs:
@@ -31,6 +36,31 @@ def plot_runs(runs: list[tuple[str, Path]], out: Path) -> Path:
     load_ax.set(xlabel="step", ylabel="max / mean expert load (worst layer)", title="expert balance")
     load_ax.axhline(2.0, color="grey", lw=0.8, ls=":")
     for ax in (loss_ax, load_ax):
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    return Path(out)
+
+
+def plot_grpo(runs: list[tuple[str, Path]], out: Path) -> Path:
+    """GRPO curves of runs (label, metrics.jsonl): training reward and per-function rewards, rollout accuracy,
+    and the held-out evaluation (accuracy, format) against the step."""
+    plt = _pyplot()
+    fig, (reward_ax, eval_ax) = plt.subplots(1, 2, figsize=(11, 4))
+    for label, path in runs:
+        rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+        train = [r for r in rows if "reward" in r]
+        steps = [r["step"] for r in train]
+        reward_ax.plot(steps, [r["reward"] for r in train], lw=0.8, label=f"{label}: reward (weighted)")
+        for key in sorted({k for r in train for k in r if k.startswith("rewards/")}):
+            reward_ax.plot(steps, [r.get(key) for r in train], lw=0.6, alpha=0.7, label=f"{label}: {key[8:]}")
+        evals = [r for r in rows if "eval_accuracy" in r]
+        eval_ax.plot([r["step"] for r in evals], [r["eval_accuracy"] for r in evals], "o-", label=f"{label}: accuracy")
+        eval_ax.plot([r["step"] for r in evals], [r["eval_format"] for r in evals], "s--", label=f"{label}: format")
+    reward_ax.set(xlabel="step", ylabel="mean over the step's rollouts", title="training rewards")
+    eval_ax.set(xlabel="step", ylabel="share of held-out problems (greedy)", title="held-out evaluation", ylim=(0, 1))
+    for ax in (reward_ax, eval_ax):
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
     fig.tight_layout()
