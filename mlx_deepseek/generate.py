@@ -121,14 +121,30 @@ class CompiledSteps:
             h, states = hidden(tokens, states)
             return model.logits(h[:, -1, :]), states
 
-        def draft(h, next_tokens, states):
-            cache = StaticKVCache.wrap(states[0])
-            return model.mtp_logits(h, next_tokens, 0, cache), [cache.state]
+        def verify(tokens, states):
+            h, states = hidden(tokens, states)
+            return h, model.logits(h), states
+
+        def redraft(h, targets, accept, offsets, states):
+            return speculate(model, h, targets, accept, offsets, [StaticKVCache.wrap(s) for s in states])
 
         weights = [model]
         self.hidden = mx.compile(hidden, inputs=weights)
         self.next_logits = mx.compile(next_logits, inputs=weights)
-        self.draft = mx.compile(draft, inputs=weights)
+        self.verify = mx.compile(verify, inputs=weights)
+        self.redraft = mx.compile(redraft, inputs=weights)
+
+
+def speculate(model: Model, h: mx.array, targets: mx.array, accept: mx.array, offsets: list, mtp_caches: list):
+    """After verifying [t_n, draft]: keep 1 + accept positions in the main caches (their offsets) and run
+    the MTP module on both verified pairs (h_n, t_{n+1}), (h_{n+1}, t_{n+2}), keeping as many; the next draft
+    is its argmax at the last kept pair. Pure array arithmetic: no host sync, so the next step can be queued."""
+    drop = 1 - accept.astype(mx.int32)
+    cache = mtp_caches[0]
+    logits = model.mtp_logits(h, targets, 0, cache)
+    cache.state["offset"] = cache.state["offset"] - drop
+    draft = mx.argmax(mx.where(accept, logits[:, 1], logits[:, 0]), axis=-1)
+    return draft, [o - drop for o in offsets], [c.state for c in mtp_caches]
 
 
 def compiled_steps(model: Model) -> CompiledSteps:
@@ -183,12 +199,40 @@ class PromptCache:
         return logits
 
     def draft(self, hidden: mx.array, next_tokens: mx.array) -> mx.array:
-        """The MTP module's logits on pending (h_j, t_{j+1}) pairs, through its own cache."""
-        if self.traced or self.offloaded:
-            return self.model.mtp_logits(hidden, next_tokens, 0, self.mtp_cache[0])
-        logits, states = compiled_steps(self.model).draft(hidden, next_tokens, [self.mtp_cache[0].state])
-        self._store(self.mtp_cache, states)
-        return logits
+        """The MTP module's logits on the prompt's (h_j, t_{j+1}) pairs, filling its own cache."""
+        return self.model.mtp_logits(hidden, next_tokens, 0, self.mtp_cache[0])
+
+    @property
+    def pipelined(self) -> bool:
+        """Whether a speculative step can be queued before the previous one is read (the cache offsets
+        are arrays); mlx-lm's quantized cache keeps a Python offset, so it is trimmed after a sync."""
+        return isinstance(self.cache[0], StaticKVCache)
+
+    def verify(self, tokens: mx.array) -> tuple[mx.array, mx.array]:
+        """Hidden states and logits of new tokens [B, L] (MTP's verification pass), appended to the cache."""
+        if not self.compiled:
+            h = self.model.model(tokens, self.cache)
+            return h, self.model.logits(h)
+        h, logits, states = compiled_steps(self.model).verify(tokens, [c.state for c in self.cache])
+        self._store(self.cache, states)
+        return h, logits
+
+    def redraft(self, h: mx.array, targets: mx.array, accept: mx.array) -> mx.array:
+        """`speculate` on this cache: keeps 1 + accept verified positions and returns the next draft."""
+        if not self.pipelined:
+            for c in self.cache:
+                c.trim(1 - int(accept.item()))
+        offsets = [c.offset for c in self.cache] if self.pipelined else []
+        if self.compiled:
+            draft, offsets, states = compiled_steps(self.model).redraft(
+                h, targets, accept, offsets, [c.state for c in self.mtp_cache]
+            )
+            self._store(self.mtp_cache, states)
+        else:
+            draft, offsets, _ = speculate(self.model, h, targets, accept, offsets, self.mtp_cache)
+        for c, o in zip(self.cache if self.pipelined else [], offsets):
+            c.state["offset"] = o
+        return draft
 
     @staticmethod
     def _store(caches: list, states: list) -> None:
@@ -213,7 +257,7 @@ class PromptCache:
 
     def ensure(self, new_tokens: int) -> None:
         """Room for `new_tokens` more positions (grown in steps of 64; outside the compiled step)."""
-        need = -(-(len(self.tokens) + new_tokens + 2) // 64) * 64
+        need = -(-(len(self.tokens) + new_tokens + 4) // 64) * 64  # + a queued MTP step
         for c in self.cache + self.mtp_cache:
             if isinstance(c, StaticKVCache):
                 c.ensure(need)
@@ -307,39 +351,50 @@ def _plain_tokens(model, prompt, pc: PromptCache, sampler, processors, taker) ->
 
 def _mtp_tokens(model, prompt, pc: PromptCache, sampler, processors, taker, stats) -> Iterator[list[int]]:
     """MTP self-speculative decoding (batch 1): the MTP module drafts t_{n+1} from (h_{n-1}, t_n); the main
-    model verifies [t_n, draft] in one pass. The target token is always sampled from the main model's
-    distribution and the draft kept only if it equals it, so outputs are exactly those of plain decoding
-    (greedy: token-identical; sampled: the same distribution). The draft is the MTP module's argmax.
+    model verifies [t_n, draft] in one pass. The targets are always sampled from the main model's
+    distribution and the draft kept only if it equals the first, so outputs are exactly those of plain
+    decoding (greedy: token-identical; sampled: the same distribution). The draft is the MTP module's argmax.
+
+    A step is array arithmetic end to end (acceptance adjusts the cache offsets in the graph), so, as in
+    plain decoding, step i + 1 is queued before step i's tokens are read, except when a logits processor
+    needs the tokens or the cache cannot take array offsets.
     """
     hidden = pc.prefill(mx.array(prompt)[None])  # [1, L, D], final-normed
-    history = mx.array(prompt)
-    y = _sample(model.logits(hidden[:, -1, :]), history[None], sampler, processors)
+    y = _sample(model.logits(hidden[:, -1, :]), mx.array(prompt)[None], sampler, processors)
     if taker:
         taker.take([len(prompt) - 1])
-    # MTP inputs pending: pairs (h_j, t_{j+1}); the prompt's own pairs fill the MTP cache first.
-    pend_h, pend_t = hidden, mx.concatenate([history[1:], y])
+    draft = mx.argmax(pc.draft(hidden, mx.concatenate([mx.array(prompt[1:]), y])[None])[:, -1, :], axis=-1)
+    history = list(prompt)
+    ahead = pc.pipelined and not processors
+
+    def step(y: mx.array, draft: mx.array):
+        h, logits = pc.verify(mx.concatenate([y, draft])[None])  # positions n, n+1
+        past = mx.array(history)[None] if processors else mx.zeros((1, 0), mx.int32)  # read by processors only
+        t1 = _sample(logits[:, 0, :], past, sampler, processors)
+        t2 = _sample(logits[:, 1, :], mx.concatenate([past, t1[None]], axis=1), sampler, processors)
+        accept = (t1 == draft)[0]  # batch 1: a scalar
+        new_draft = pc.redraft(h, mx.concatenate([t1, t2])[None], accept)
+        return t1, t2, accept, mx.where(accept, t2, t1), new_draft
+
+    history.append(y.item())
+    yield [history[-1]]
+    current = step(y, draft)
+    mx.async_eval(current)
     while True:
-        yield [y.item()]
-        history = mx.concatenate([history, y])
-        draft = mx.argmax(pc.draft(pend_h, pend_t[None])[:, -1, :], axis=-1)
-        out = pc.hidden(mx.concatenate([y, draft])[None])  # positions n, n+1
-        logits = model.logits(out)
-        target = _sample(logits[:, 0, :], history[None], sampler, processors)
+        upcoming = step(*current[3:]) if ahead else None
+        if ahead:
+            mx.async_eval(upcoming)
+        t1, t2, accept = (a.item() for a in current[:3])
+        new = [t1, t2] if accept else [t1]
         stats["drafted"] += 1
-        if target.item() == draft.item():
-            stats["accepted"] += 1
-            nxt = _sample(logits[:, 1, :], mx.concatenate([history, target])[None], sampler, processors)
-            if taker:
-                taker.take([0, 1])
-            yield [target.item()]
-            history = mx.concatenate([history, target])
-            pend_h, pend_t, y = out, mx.concatenate([target, nxt]), nxt
-        else:
-            for c in pc.cache:
-                c.trim(1)
-            if taker:
-                taker.take([0])
-            pend_h, pend_t, y = out[:, :1, :], target, target
+        stats["accepted"] += accept
+        if taker:
+            taker.take([0, 1] if accept else [0])
+        history.extend(new)
+        yield new
+        current = upcoming if ahead else step(*current[3:])
+        if not ahead:
+            mx.async_eval(current)
 
 
 def generate_tokens(

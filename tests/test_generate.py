@@ -50,7 +50,7 @@ def test_mtp_speculation_equals_plain_greedy_when_drafts_fail(v3):
 
 
 def test_mtp_speculation_equals_plain_greedy_when_drafts_succeed(v3, monkeypatch):
-    """An oracle MTP head that drafts the true next token at every other position: both branches run."""
+    """An oracle MTP head that drafts the true token at every third position: both branches run."""
     model, tok = v3
     plain = generate(model, tok, PROMPT, max_tokens=20)
     sequence = PROMPT + plain.tokens
@@ -58,10 +58,12 @@ def test_mtp_speculation_equals_plain_greedy_when_drafts_succeed(v3, monkeypatch
 
     def oracle(self, hidden, next_tokens, k=0, cache=None):
         logits = real(self, hidden, next_tokens, k, cache)
-        n = cache.offset  # pairs (h_j, t_{j+1}) seen: the draft is for token n + 1
-        if n + 1 < len(sequence) and n % 2 == 0:
-            row = mx.full(logits.shape[-1:], -1e9).at[sequence[n + 1]].add(1e9 + 1)
-            logits = mx.broadcast_to(row, logits.shape)
+        start = int(cache.offset) - logits.shape[1]  # the calls's first pair (h_p, t_{p+1}) drafts t_{p+2}
+        for i in range(logits.shape[1]):
+            p = start + i
+            if p + 2 < len(sequence) and p % 3 == 0:
+                row = mx.full(logits.shape[-1:], -1e9).at[sequence[p + 2]].add(1e9 + 1)
+                logits[:, i] = row
         return logits
 
     monkeypatch.setattr(type(model), "mtp_logits", oracle)
