@@ -216,3 +216,35 @@ def test_train_grpo_command_with_a_raising_reward_and_fuse(tiny_folder, tmp_path
     np.testing.assert_allclose(np.array(load_model(fused)(x)), np.array(load_model(out / "model")(x)), atol=1e-4)
     assert main(["train", "grpo", "--model", str(tiny_folder), "--out", str(out), "--steps", "3",
                  "--no-progress"]) == 2  # checkpoints there and no --resume
+
+
+def test_rejection_sampling_keeps_the_correct_samples_and_distill_trains_on_them(tiny_folder, tmp_path, monkeypatch):
+    from mlx_deepseek.generate import GenerationResult
+    from mlx_deepseek.train import distill
+
+    def fake_generate(model, tok, texts, n=1, **kw):  # per prompt: right, right again, wrong, unfinished, no format
+        out = []
+        for t in texts:
+            answer = "7" if "3 + 4" in t else "?"
+            out += [GenerationResult(text=f"add\n</think>\n\n\\boxed{{{answer}}}", finish_reason="stop"),
+                    GenerationResult(text=f"add\n</think>\n\n\\boxed{{{answer}}}", finish_reason="stop"),
+                    GenerationResult(text="add\n</think>\n\n\\boxed{8}", finish_reason="stop"),
+                    GenerationResult(text=f"add\n</think>\n\n\\boxed{{{answer}}}", finish_reason="length"),
+                    GenerationResult(text=f"\\boxed{{{answer}}}", finish_reason="stop")][:n]
+        return out
+
+    monkeypatch.setattr(distill, "batch_generate", fake_generate)
+    data = tmp_path / "prompts.jsonl"
+    data.write_text(json.dumps({"prompt": "What is 3 + 4?", "answer": "7", "lang": "en"}) + "\n"
+                    + json.dumps({"prompt": "What is 1 + 1?", "answer": "2", "lang": "en"}) + "\n")
+    out = tmp_path / "sft.jsonl"
+    assert main(["train", "rejection-sample", "--model", str(tiny_folder), "--data", str(data), "--out", str(out),
+                 "--prompts", "4", "--samples", "5", "--keep-per-prompt", "2", "--no-progress"]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    # two epochs over the file: the 3 + 4 prompt twice, one distinct correct sample each time
+    assert len(rows) == 2 and all(r["prompt"] == "What is 3 + 4?" for r in rows)
+    assert rows[0]["completion"].startswith("<think>\nadd\n</think>") and rows[0]["completion"].endswith("<｜end▁of▁sentence｜>")
+    model = distill.sft_on_jsonl(tiny_folder, out, tmp_path / "student",
+                                 distill.sft_config(steps=2, batch_size=2, seq_len=32, eval_every=0, log_every=1, compile=False),
+                                 progress=False)
+    assert (model / "config.json").exists() and len(read_metrics(tmp_path / "student")) == 2
