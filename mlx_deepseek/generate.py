@@ -363,7 +363,8 @@ def _mtp_tokens(model, prompt, pc: PromptCache, sampler, processors, taker, stat
     y = _sample(model.logits(hidden[:, -1, :]), mx.array(prompt)[None], sampler, processors)
     if taker:
         taker.take([len(prompt) - 1])
-    draft = mx.argmax(pc.draft(hidden, mx.concatenate([mx.array(prompt[1:]), y])[None])[:, -1, :], axis=-1)
+    pairs = mx.concatenate([mx.array(prompt[1:], mx.int32), y])[None]  # t_{j+1} for each prompt position j
+    draft = mx.argmax(pc.draft(hidden, pairs)[:, -1, :], axis=-1)
     history = list(prompt)
     ahead = pc.pipelined and not processors
 
