@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import copy
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional, Union
 
@@ -48,7 +48,6 @@ class Shard:
     experts: Optional[range]
     bytes_read: int = 0
     bytes_total: int = 0
-    files: list = field(default_factory=list)
 
 
 def plan(args: ModelArgs, mode: str, rank: int, size: int) -> Shard:
@@ -81,7 +80,6 @@ def local_tensors(folder: Path, args: ModelArgs, shard: Shard) -> Iterator[tuple
     try:
         for path in weight_files(folder):
             header, start, arrays = read_header(path), _data_start(path), None
-            shard.files.append(path.name)
             for raw, info in header.items():
                 lo, hi = info["data_offsets"]
                 shard.bytes_total += hi - lo
