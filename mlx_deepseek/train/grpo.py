@@ -27,19 +27,18 @@ and adapters/ (LoRA).
 from __future__ import annotations
 
 import json
-import math
 import random
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Iterator, Optional, Union
+from typing import Optional, Union
 
 import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
-from mlx.utils import tree_flatten, tree_map, tree_unflatten
+from mlx.utils import tree_map
 
 from .. import parallel
 from ..chat import apply_chat_template
@@ -48,7 +47,7 @@ from ..loading import load_model, resolve
 from ..tokenizer import load_tokenizer
 from ..weights import atomic_folder, save_model
 from . import balance, lora, tasks
-from .loop import OPTIMIZER_FILE, STATE_FILE, Trainer, nan_guard, schedule
+from .loop import STATE_FILE, TrainConfig, Trainer, nan_guard, schedule
 from .rewards import RewardSet, accuracy_reward, format_reward, language_reward
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
@@ -202,16 +201,7 @@ class GRPOConfig:
     keep_checkpoints: int = 2
     max_minutes: float = 0.0  # stop (checkpoint, final model) after the step that passes this wall time (0: no limit)
 
-    @classmethod
-    def from_dict(cls, d: dict) -> "GRPOConfig":
-        names = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"unknown GRPO settings: {', '.join(unknown)}")
-        d = dict(d)
-        if "betas" in d:
-            d["betas"] = tuple(d["betas"])
-        return cls(**d)
+    from_dict = classmethod(TrainConfig.from_dict.__func__)  # the loop's: unknown names refused, betas a tuple
 
     def check(self) -> None:
         for name in ("steps", "prompts_per_step", "max_completion_tokens", "mu", "log_every", "save_every",
@@ -556,24 +546,19 @@ class GRPOTrainer(Trainer):
             return super()._write_model(folder)
         lora.save_adapters(self.model, folder, self.lora)
 
-    def resume(self, folder: Optional[Path] = None) -> bool:
-        if folder is None:
-            found = self.checkpoints()
-            if not found:
-                return False
-            folder = found[-1]
-        state = json.loads((folder / STATE_FILE).read_text())
-        if self.lora is not None:
-            self.model.load_weights(list(mx.load(str(folder / lora.ADAPTER_FILE)).items()), strict=False)
-        else:
-            from ..weights import read_weights
+    def _read_model(self, folder: Path) -> None:
+        if self.lora is None:
+            return super()._read_model(folder)
+        self.model.load_weights(list(mx.load(str(folder / lora.ADAPTER_FILE)).items()), strict=False)
 
-            self.model.load_weights(list(read_weights(folder, self.args, mx.float32).items()), strict=False)
-        self.optimizer.state = tree_unflatten(list(mx.load(str(folder / OPTIMIZER_FILE)).items()))
-        self.step = int(state["step"])
-        self.data.load_state(state["data"])
-        self.reward_set.errors = dict(state.get("reward_errors", {}))
-        mx.eval(self.model.parameters(), self.optimizer.state)
+    def _build_step(self):
+        return None  # GRPO's step is train_step (not one compiled graph); the loop's resume rebuilds with this
+
+    def resume(self, folder: Optional[Path] = None) -> bool:
+        folder = folder or (self.checkpoints() or [None])[-1]
+        if folder is None or not super().resume(folder):
+            return False
+        self.reward_set.errors = dict(json.loads((folder / STATE_FILE).read_text()).get("reward_errors", {}))
         return True
 
     def save_checkpoint(self) -> Path:

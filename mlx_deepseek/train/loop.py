@@ -307,11 +307,8 @@ class Trainer:
             if not found:
                 return False
             folder = found[-1]
-        from ..weights import read_weights
-
         state = json.loads((folder / STATE_FILE).read_text())
-        weights = read_weights(folder, self.args, mx.float32)
-        self.model.load_weights(list(weights.items()))
+        self._read_model(folder)
         opt = dict(mx.load(str(folder / OPTIMIZER_FILE)))
         self.optimizer.state = tree_unflatten(list(opt.items()))
         self.step = int(state["step"])
@@ -319,6 +316,12 @@ class Trainer:
         mx.eval(self.model.state, self.optimizer.state)
         self._step_fn = self._build_step()  # the compiled step captures the optimizer's state tree
         return True
+
+    def _read_model(self, folder: Path) -> None:
+        """The trained weights from a checkpoint folder (what `_write_model` wrote)."""
+        from ..weights import read_weights
+
+        self.model.load_weights(list(read_weights(folder, self.args, mx.float32).items()))
 
     def _truncate_metrics(self) -> None:
         """Drop metric lines past the resumed step (written by the run that was interrupted)."""

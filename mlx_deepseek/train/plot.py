@@ -35,7 +35,11 @@ def plot_runs(runs: list[tuple[str, Path]], out: Path) -> Path:
     loss_ax.set(xlabel="step", ylabel="cross-entropy (nats)", yscale="log", title="loss")
     load_ax.set(xlabel="step", ylabel="max / mean expert load (worst layer)", title="expert balance")
     load_ax.axhline(2.0, color="grey", lw=0.8, ls=":")
-    for ax in (loss_ax, load_ax):
+    return _save(fig, (loss_ax, load_ax), out)
+
+
+def _save(fig, axes, out: Path) -> Path:
+    for ax in axes:
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -60,9 +64,4 @@ def plot_grpo(runs: list[tuple[str, Path]], out: Path) -> Path:
         eval_ax.plot([r["step"] for r in evals], [r["eval_format"] for r in evals], "s--", label=f"{label}: format")
     reward_ax.set(xlabel="step", ylabel="mean over the step's rollouts", title="training rewards")
     eval_ax.set(xlabel="step", ylabel="share of held-out problems (greedy)", title="held-out evaluation", ylim=(0, 1))
-    for ax in (reward_ax, eval_ax):
-        ax.legend(fontsize=7)
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    return Path(out)
+    return _save(fig, (reward_ax, eval_ax), out)
