@@ -160,6 +160,14 @@ def cmd_bench_generate(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_offload(a: argparse.Namespace) -> int:
+    from .offload.bench import bench_offload, format_offload
+
+    r = bench_offload(a.model, a.layers, a.scale, a.bits or None, a.prompt_tokens, a.gen_tokens, a.trials)
+    print(json.dumps(r, indent=2) if a.json else format_offload(r))
+    return 0
+
+
 def cmd_convert(a: argparse.Namespace) -> int:
     from convert import convert
     from convert.recipes import describe
@@ -558,6 +566,16 @@ def build_parser() -> argparse.ArgumentParser:
     bg.add_argument("--trials", type=int, default=3)
     bg.add_argument("--json", action="store_true")
     bg.set_defaults(func=cmd_bench_generate)
+    bo = benches.add_parser("offload", help="expert offloading: decode tok/s and hit rates at 100/50/25/12.5%% residency")
+    bo.add_argument("--model", default=None, help="an MoE checkpoint (default: a random V2-Lite-shaped one, routers balanced)")
+    bo.add_argument("--layers", type=int, default=4, help="layers of the random checkpoint")
+    bo.add_argument("--scale", type=float, default=0.5, help="width scale of the random checkpoint")
+    bo.add_argument("--bits", type=int, default=4, help="quantization of the random checkpoint (0: unquantized)")
+    bo.add_argument("--prompt-tokens", type=int, default=32)
+    bo.add_argument("--gen-tokens", type=int, default=48)
+    bo.add_argument("--trials", type=int, default=2)
+    bo.add_argument("--json", action="store_true")
+    bo.set_defaults(func=cmd_bench_offload)
     bd = benches.add_parser("distributed", help="1 rank vs N: EP/PP decode tok/s, DP training tok/s, bytes read")
     bd.add_argument("--model", default=None, help="an MoE checkpoint (default: a random V2-Lite-shaped one)")
     bd.add_argument("--layers", type=int, default=8, help="layers of the random checkpoint")

@@ -166,7 +166,10 @@ class ExpertReader:
             out[:] = src
 
     def __del__(self):
-        self.close()
+        try:
+            self.close()
+        except Exception:  # interpreter shutdown: the os module may be gone already
+            pass
 
     def close(self) -> None:
         for m in self._maps.values():
