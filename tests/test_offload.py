@@ -76,7 +76,7 @@ def resident(ckpt, tokenizer):
     (None, "12.5%", {"policy": "lru"}, False),
     (4, "25%", {"policy": "lfu"}, False),
     (4, "12.5%", {"policy": "lru", "prefetch": True}, False),
-    (None, "25%", {"policy": "lru", "reader": "mmap", "write_through": False}, False),
+    (None, "25%", {"policy": "lru", "reader": "pread", "write_through": False}, False),
     (4, "25%", {"policy": "lru"}, True),
 ])
 def test_greedy_tokens_identical_to_all_resident(ckpt, tokenizer, resident, bits, memory, options, mtp):

@@ -136,7 +136,7 @@ class ExpertOffloader:
         self.reader.close()
 
 
-def offload_experts(model, folder: Union[str, Path], expert_memory, policy: str = "lru", reader: str = "pread",
+def offload_experts(model, folder: Union[str, Path], expert_memory, policy: str = "lru", reader: str = "mmap",
                     profile=None, pin: float = 0.0, prefetch: bool = False, decay: float = 0.9,
                     dtype: Optional[mx.Dtype] = None, write_through: Optional[bool] = None,
                     layout: Optional[ExpertLayout] = None) -> ExpertOffloader:
@@ -147,7 +147,8 @@ def offload_experts(model, folder: Union[str, Path], expert_memory, policy: str 
     policy: 'lru' or 'lfu' (with `decay` per pass). profile: expert counts per layer (an ExpertTrace, the
     `experts` of `generate --json`, or a JSON file of it); `pin` (0-1): the share of each layer's slots given
     to its hottest experts for good. prefetch: read the next layer's likely experts (its router on this
-    layer's input) while this layer computes. reader: 'pread' or 'mmap'.
+    layer's input) while this layer computes. reader: 'mmap' (the default: faster than 'pread' in
+    `bench offload`, from the page cache and cold; BENCHMARKS.md) or 'pread'.
     Call before the model's weights are evaluated: the replaced expert tensors are never read.
     """
     args = model.args
