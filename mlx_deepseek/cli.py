@@ -140,6 +140,19 @@ def _parallel_args(p: argparse.ArgumentParser, what: str) -> None:
                    help="mlx.distributed backend (default: the hostfile's, else ring; nccl on CUDA)")
 
 
+def _moe_bench_args(p: argparse.ArgumentParser, model_help: str, layers: int, prompt_tokens: int, gen_tokens: int,
+                    trials: int) -> None:
+    """The checkpoint and run flags shared by the MoE benchmarks (offload, distributed)."""
+    p.add_argument("--model", default=None, help=model_help)
+    p.add_argument("--layers", type=int, default=layers, help="layers of the random checkpoint")
+    p.add_argument("--scale", type=float, default=0.5, help="width scale of the random checkpoint")
+    p.add_argument("--bits", type=int, default=4, help="quantization of the random checkpoint (0: unquantized)")
+    p.add_argument("--prompt-tokens", type=int, default=prompt_tokens)
+    p.add_argument("--gen-tokens", type=int, default=gen_tokens)
+    p.add_argument("--trials", type=int, default=trials)
+    p.add_argument("--json", action="store_true")
+
+
 def cmd_bench_distributed(a: argparse.Namespace) -> int:
     from .parallel.bench import bench_distributed, format_distributed
 
@@ -567,27 +580,13 @@ def build_parser() -> argparse.ArgumentParser:
     bg.add_argument("--json", action="store_true")
     bg.set_defaults(func=cmd_bench_generate)
     bo = benches.add_parser("offload", help="expert offloading: decode tok/s and hit rates at 100/50/25/12.5%% residency")
-    bo.add_argument("--model", default=None, help="an MoE checkpoint (default: a random V2-Lite-shaped one, routers balanced)")
-    bo.add_argument("--layers", type=int, default=4, help="layers of the random checkpoint")
-    bo.add_argument("--scale", type=float, default=0.5, help="width scale of the random checkpoint")
-    bo.add_argument("--bits", type=int, default=4, help="quantization of the random checkpoint (0: unquantized)")
-    bo.add_argument("--prompt-tokens", type=int, default=32)
-    bo.add_argument("--gen-tokens", type=int, default=48)
-    bo.add_argument("--trials", type=int, default=2)
-    bo.add_argument("--json", action="store_true")
+    _moe_bench_args(bo, "an MoE checkpoint (default: a random V2-Lite-shaped one, routers balanced)", 4, 32, 48, 2)
     bo.set_defaults(func=cmd_bench_offload)
     bd = benches.add_parser("distributed", help="1 rank vs N: EP/PP decode tok/s, DP training tok/s, bytes read")
-    bd.add_argument("--model", default=None, help="an MoE checkpoint (default: a random V2-Lite-shaped one)")
-    bd.add_argument("--layers", type=int, default=8, help="layers of the random checkpoint")
-    bd.add_argument("--scale", type=float, default=0.5, help="width scale of the random checkpoint")
-    bd.add_argument("--bits", type=int, default=4, help="quantization of the random checkpoint (0: unquantized)")
-    bd.add_argument("--prompt-tokens", type=int, default=64)
-    bd.add_argument("--gen-tokens", type=int, default=64)
-    bd.add_argument("--trials", type=int, default=3)
+    _moe_bench_args(bd, "an MoE checkpoint (default: a random V2-Lite-shaped one)", 8, 64, 64, 3)
     bd.add_argument("--batch", type=int, default=8, help="global training batch (sequences)")
     bd.add_argument("--seq-len", type=int, default=128)
     bd.add_argument("--steps", type=int, default=5, help="timed training steps")
-    bd.add_argument("--json", action="store_true")
     _parallel_args(bd, "measure")
     bd.set_defaults(func=cmd_bench_distributed)
     bc = benches.add_parser("convert", help="time and peak RSS of this converter vs mlx_lm.convert")
