@@ -397,6 +397,49 @@ def create_app(model, tokenizer, config: Optional[ServerConfig] = None) -> FastA
             first = None
         return first, stream
 
+    def event_stream(job: Job, first, rest, head: dict, include_usage: bool, choice, usage,
+                     opening: Optional[dict] = None) -> StreamingResponse:
+        """A streamed job as server-sent events: `opening` first (if any), then one frame per chunk with the
+        choice fields `choice(chunk)` gives (None: nothing to send), a last frame with `choice(None)`, the
+        finish reason (and the expert trace when asked), the usage object if asked, then [DONE]. An error
+        mid-stream becomes an error event; a client that leaves stops the worker."""
+
+        def frame(fields: dict, finish=None, **extra) -> str:
+            obj = {**head, "choices": [{"index": 0, **fields, "logprobs": None, "finish_reason": finish}], **extra}
+            if include_usage:
+                obj["usage"] = None
+            return _sse(obj)
+
+        async def sse():
+            if opening is not None:
+                yield frame(opening)
+            chunk, result = first, None
+            try:
+                while chunk is not None:
+                    if chunk.result is not None:
+                        result = chunk.result
+                    fields = choice(chunk)
+                    if fields:
+                        yield frame(fields)
+                    chunk = await rest.__anext__()
+            except (StopAsyncIteration, ClientGone):
+                if result is None:
+                    return
+            except APIError as e:
+                yield _sse(e.body())
+                yield "data: [DONE]\n\n"
+                return
+            finally:
+                job.cancelled.set()  # a no-op after the end; stops the worker when the client left mid-stream
+            extra = {"expert_trace": trace_dict(result)} if job.trace else {}
+            yield frame(choice(None), result.finish_reason, **extra)
+            if include_usage:
+                yield _sse({**head, "choices": [], "usage": usage(result)})
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(sse(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
     async def collect(job: Job, request: Request):
         """The job's GenerationResult, or None when the client left first."""
         result = None
@@ -468,48 +511,17 @@ def create_app(model, tokenizer, config: Optional[ServerConfig] = None) -> FastA
         except ClientGone:
             return Response(status_code=499)
 
-        def frame(delta: dict, finish=None, **extra) -> str:
-            obj = {"id": rid, "object": "chat.completion.chunk", "created": now, "model": cfg.model_id,
-                   "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}], **extra}
-            if include_usage:
-                obj["usage"] = None
-            return _sse(obj)
+        def choice(chunk) -> Optional[dict]:
+            if chunk is None:
+                return {"delta": {}}
+            delta = {"reasoning_content": chunk.reasoning, "content": chunk.answer}
+            delta = {k: v for k, v in delta.items() if v}
+            return {"delta": delta} if delta else None
 
-        async def sse():
-            yield frame({"role": "assistant", "content": ""})
-            chunk, result = first, None
-            try:
-                while chunk is not None:
-                    reasoning, answer = chunk.reasoning, chunk.answer
-                    if chunk.result is not None:
-                        result = chunk.result
-                    delta = {}
-                    if reasoning:
-                        delta["reasoning_content"] = reasoning
-                    if answer:
-                        delta["content"] = answer
-                    if delta:
-                        yield frame(delta)
-                    chunk = await rest.__anext__()
-            except (StopAsyncIteration, ClientGone):
-                if result is None:
-                    return
-            except APIError as e:
-                yield _sse(e.body())
-                yield "data: [DONE]\n\n"
-                return
-            finally:
-                job.cancelled.set()  # a no-op after the end; stops the worker when the client left mid-stream
-            extra = {"expert_trace": trace_dict(result)} if job.trace else {}
-            yield frame({}, result.finish_reason, **extra)
-            if include_usage:
-                yield _sse({"id": rid, "object": "chat.completion.chunk", "created": now, "model": cfg.model_id,
-                            "choices": [], "usage": _usage(result.prompt_tokens, result.generation_tokens,
-                                                           reasoning_tokens(result))})
-            yield "data: [DONE]\n\n"
-
-        return StreamingResponse(sse(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        head = {"id": rid, "object": "chat.completion.chunk", "created": now, "model": cfg.model_id}
+        return event_stream(job, first, rest, head, include_usage, choice,
+                            lambda r: _usage(r.prompt_tokens, r.generation_tokens, reasoning_tokens(r)),
+                            opening={"delta": {"role": "assistant", "content": ""}})
 
     @app.post("/v1/completions")
     async def completions(request: Request):
@@ -550,41 +562,14 @@ def create_app(model, tokenizer, config: Optional[ServerConfig] = None) -> FastA
         except ClientGone:
             return Response(status_code=499)
 
-        def frame(text: str, finish=None, **extra) -> str:
-            obj = {"id": rid, "object": "text_completion", "created": now, "model": cfg.model_id,
-                   "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}], **extra}
-            if include_usage:
-                obj["usage"] = None
-            return _sse(obj)
+        def choice(chunk) -> Optional[dict]:
+            if chunk is None:
+                return {"text": ""}
+            return {"text": chunk.text} if chunk.text else None
 
-        async def sse():
-            chunk, result = first, None
-            try:
-                while chunk is not None:
-                    text = chunk.text
-                    if chunk.result is not None:
-                        result = chunk.result
-                    if text:
-                        yield frame(text)
-                    chunk = await rest.__anext__()
-            except (StopAsyncIteration, ClientGone):
-                if result is None:
-                    return
-            except APIError as e:
-                yield _sse(e.body())
-                yield "data: [DONE]\n\n"
-                return
-            finally:
-                job.cancelled.set()  # a no-op after the end; stops the worker when the client left mid-stream
-            extra = {"expert_trace": trace_dict(result)} if job.trace else {}
-            yield frame("", result.finish_reason, **extra)
-            if include_usage:
-                yield _sse({"id": rid, "object": "text_completion", "created": now, "model": cfg.model_id,
-                            "choices": [], "usage": _usage(result.prompt_tokens, result.generation_tokens)})
-            yield "data: [DONE]\n\n"
-
-        return StreamingResponse(sse(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        head = {"id": rid, "object": "text_completion", "created": now, "model": cfg.model_id}
+        return event_stream(job, first, rest, head, include_usage, choice,
+                            lambda r: _usage(r.prompt_tokens, r.generation_tokens))
 
     return app
 
