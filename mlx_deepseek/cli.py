@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 import json
 import sys
+from typing import Optional
 
 
 def cmd_info(a: argparse.Namespace) -> int:
@@ -72,10 +73,8 @@ def cmd_generate(a: argparse.Namespace) -> int:
     from .generate import stream_generate
 
     sampling = _sampling(a)
-    if a.parallel and (a.hostfile or a.ranks) and not _launched():
-        from .parallel.launch import relaunch
-
-        return relaunch(a.argv, a.ranks, a.hostfile, a.backend)  # this command, on every rank
+    if a.parallel and (status := _on_ranks(a)) is not None:
+        return status
     if a.parallel:
         from .parallel import join
 
@@ -126,10 +125,14 @@ def cmd_generate(a: argparse.Namespace) -> int:
     return 0
 
 
-def _launched() -> bool:
-    from .parallel.launch import launched
+def _on_ranks(a: argparse.Namespace) -> Optional[int]:
+    """With --hostfile / --ranks, outside mlx.launch: this command re-run on every rank through mlx.launch (its
+    exit status); None when it should run here (no launch flags, or already one of the ranks)."""
+    from .parallel.launch import launched, relaunch
 
-    return launched()
+    if not (a.hostfile or a.ranks) or launched():
+        return None
+    return relaunch(a.argv, a.ranks, a.hostfile, a.backend)
 
 
 def _parallel_args(p: argparse.ArgumentParser, what: str) -> None:
@@ -234,10 +237,8 @@ def cmd_train(a: argparse.Namespace) -> int:
     if a.train == "pretrain":
         from .train.pretrain import pretrain
 
-        if (a.hostfile or a.ranks) and not _launched():  # data parallelism: this command on every rank
-            from .parallel.launch import relaunch
-
-            return relaunch(a.argv, a.ranks, a.hostfile, a.backend)
+        if (status := _on_ranks(a)) is not None:  # data parallelism: this command on every rank
+            return status
         out = pretrain(a.out, TrainConfig.from_dict(settings), config=a.config, tokenizer=a.tokenizer,
                        resume=a.resume, progress=not a.no_progress)
     else:
@@ -319,6 +320,8 @@ def cmd_grpo(a: argparse.Namespace) -> int:
         settings[flag] = getattr(a, flag)
     if a.keep_quantized:
         settings["dequantize"] = False
+    if (status := _on_ranks(a)) is not None:  # data parallelism: this command on every rank
+        return status
     out = grpo(a.model, a.out, GRPOConfig.from_dict(settings), resume=a.resume, progress=not a.no_progress)
     print(f"model written to {out} (metrics in {out.parent / 'metrics.jsonl'})")
     return 0
@@ -404,6 +407,7 @@ def _add_grpo_parsers(kinds) -> None:
     g.add_argument("--max-minutes", type=float, help="stop after the step that passes this wall time")
     g.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     g.add_argument("--no-progress", action="store_true")
+    _parallel_args(g, "train data-parallel (--prompts counts all ranks' prompts)")
     g.set_defaults(func=cmd_grpo)
 
     rs = kinds.add_parser("rejection-sample", help="sample a model, keep its correct answers as SFT data (JSONL)")

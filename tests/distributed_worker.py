@@ -1,9 +1,12 @@
 """Run by every rank of the distributed tests (see test_distributed.py): `python distributed_worker.py OUT
 JOB...`, each JOB `logits:MODE:FOLDER` (EP/PP forward pass and greedy decode of a checkpoint),
-`cli:MODE:FOLDER` (the generate command) or `dp:TOKENIZER:BATCH.npz` (one data-parallel training step). Rank r writes OUT/rank{r}.npz."""
+`cli:MODE:FOLDER` (the generate command), `dp:TOKENIZER:BATCH.npz` (one data-parallel training step) or
+`grpo:FOLDER:RUNS` (data-parallel GRPO: one step per case on fixed rollouts, then runs with real rollouts in RUNS).
+Rank r writes OUT/rank{r}.npz."""
 
 import json
 import sys
+import zlib
 from pathlib import Path
 
 import mlx.core as mx
@@ -58,6 +61,83 @@ def dp_job(tokenizer: str, batch: str, out: dict, group) -> None:
         out[f"dp/param/{k}"] = np.array(v)
 
 
+# ---- data-parallel GRPO (test_distributed.py computes the single-process side with the same functions) ----
+# lr 1e-3: Adam turns float noise in near-zero gradients (LoRA A at the second update, whose gradient is
+# proportional to B) into parameter noise of ~1e-3 lr; at 1e-2 that reaches 1.2e-5 with mu = 2
+GRPO_RUN = dict(prompts_per_step=4, group_size=3, max_completion_tokens=6, lr=1e-3, save_every=1, log_every=1,
+                task_options={"levels": (1, 1)})
+GRPO_CASES = {  # loss types with the reference log-probs (beta); dapo also with the batch std and mu = 2
+    "grpo": dict(loss_type="grpo", beta=0.04),
+    "dapo": dict(loss_type="dapo", beta=0.04, scale_rewards="batch", mu=2),
+}
+
+
+def fixed_rollout(model, tokenizer, rows, cfg, reward_set):
+    """Stands in for grpo.rollout: each prompt's group (prompt ids, completions of 1-6 tokens, rewards) is a
+    function of the prompt text alone, so a rank and one process roll out the same groups for the same prompts."""
+    from mlx_deepseek.train.grpo import Group
+
+    groups = []
+    for row in rows:
+        rng = np.random.default_rng(zlib.crc32(row["prompt"].encode()))
+        G = cfg.group_size
+        groups.append(Group(
+            row=row, prompt_ids=rng.integers(3, 500, int(rng.integers(3, 8))).tolist(),
+            completions=[rng.integers(3, 500, int(rng.integers(1, 7))).tolist() for _ in range(G)],
+            texts=[""] * G, truncated=[False] * G, rewards=rng.random((G, len(reward_set.names))),
+        ))
+    return groups, {"gen_tokens": sum(len(c) for g in groups for c in g.completions), "gen_seconds": 1e-3}
+
+
+def grpo_step(folder: str, case: str, group):
+    """One GRPO step of GRPO_CASES[case] on fixed rollouts: (the averaged gradients of each update, flat, keys
+    prefixed with the update's index; the step's metrics; the parameters after), each rank rolling out its share of
+    the prompts (group None: all of them)."""
+    from mlx.utils import tree_flatten
+
+    from mlx_deepseek.train import grpo as G
+
+    model, tok, _ = G.load_for_training(folder)
+    tr = G.GRPOTrainer(model, tok, G.GRPOConfig(**GRPO_RUN, **GRPO_CASES[case]), "/tmp/unused", progress=False,
+                       group=group)
+    grads, compute, real = [], tr.compute_grads, G.rollout
+    tr.compute_grads = lambda batch: grads.append(compute(batch)) or grads[-1]
+    G.rollout = fixed_rollout
+    try:
+        row = tr.train_step()
+    finally:
+        G.rollout = real
+    params = {k: np.array(v) for k, v in tree_flatten(model.parameters())}
+    return {f"{i}/{k}": np.array(v) for i, (g, _) in enumerate(grads) for k, v in tree_flatten(g)}, row, params
+
+
+def grpo_job(folder: str, runs: str, out: dict, group) -> None:
+    """The fixed-rollout steps, then real rollouts: run a (2 steps) and run b (1 step, then resumed to 2)."""
+    from mlx_deepseek.parallel import global_sum
+    from mlx_deepseek.train import grpo as G
+
+    for case in GRPO_CASES:
+        grads, row, params = grpo_step(folder, case, group)
+        out[f"grpo:{case}/row"] = json.dumps({k: v for k, v in row.items() if isinstance(v, (int, float))})
+        out.update({f"grpo:{case}/grad/{k}": v for k, v in grads.items()})
+        out.update({f"grpo:{case}/param/{k}": v for k, v in params.items()})
+    seen, real = [], G.rollout
+
+    def recording(model, tok, rows, cfg, reward_set):
+        groups, info = real(model, tok, rows, cfg, reward_set)
+        seen.append([(g.row["prompt"], g.completions) for g in groups])
+        return groups, info
+
+    G.rollout = recording
+    cfg = dict(GRPO_RUN, steps=2, beta=0.04, max_completion_tokens=4)
+    G.grpo(folder, Path(runs) / "a", G.GRPOConfig(**cfg), progress=False)
+    G.grpo(folder, Path(runs) / "b", G.GRPOConfig(**{**cfg, "steps": 1}), progress=False)
+    mx.eval(global_sum(mx.array(0.0), group))  # rank 0 has written run b's checkpoint
+    G.grpo(folder, Path(runs) / "b", G.GRPOConfig(**cfg), resume=True, progress=False)
+    G.rollout = real
+    out["grpo/rollouts"] = json.dumps(seen)
+
+
 def cli_job(mode: str, folder: str, out: dict) -> None:
     """`mlx-deepseek generate --parallel MODE --json` inside the ranks: rank 0's stdout."""
     import contextlib
@@ -84,6 +164,8 @@ def main() -> None:
             logits_job(a, b, out, f"{a}:{b}")
         elif kind == "cli":
             cli_job(a, b, out)
+        elif kind == "grpo":
+            grpo_job(a, b, out, group)
         else:
             dp_job(a, b, out, group)
     np.savez(out_dir / f"rank{group.rank()}.npz", **out)

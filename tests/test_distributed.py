@@ -1,7 +1,8 @@
 """Distributed inference and training on two local ranks (ring backend over 127.0.0.1, started by
 mlx.launch): expert-parallel and pipeline-parallel logits and greedy tokens equal one process's; each rank
-reads only its part of the checkpoint; one data-parallel training step equals the single-process step on
-the concatenated batch. The ranks run tests/distributed_worker.py once for all checks (one launch)."""
+reads only its part of the checkpoint; one data-parallel training step (pretraining, and GRPO on fixed
+rollouts) equals the single-process step on the concatenated batch; GRPO ranks roll out their own prompts, only
+rank 0 writes, resume continues the run. The ranks run tests/distributed_worker.py once for all checks (one launch)."""
 
 import json
 import os
@@ -14,6 +15,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from conftest import FIXTURES, write_tokenizer
+from distributed_worker import GRPO_CASES, GRPO_RUN, grpo_step
 from mlx.utils import tree_flatten
 
 from mlx_deepseek import load_model
@@ -25,7 +27,10 @@ from mlx_deepseek.parallel import split
 from mlx_deepseek.cli import main
 from mlx_deepseek.parallel.launch import launch_command, rank_command, run_ranks
 from mlx_deepseek.train.data import PackedBatches
-from mlx_deepseek.train.loop import TrainConfig, Trainer, init_weights
+from mlx_deepseek.train.grpo import PromptStream
+from mlx_deepseek.train.lora import ADAPTER_FILE
+from mlx_deepseek.train.loop import TrainConfig, Trainer, init_weights, read_metrics
+from mlx_deepseek.train.vocab import copy_tokenizer
 from mlx_deepseek.weights import read_header, save_model, weight_files
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -83,12 +88,29 @@ def chat_model(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def ranks(tmp_path_factory, checkpoints, dp_batch, tok_dir, chat_model):
+def grpo_model(tmp_path_factory, tok_dir):
+    """The tiny model (TINY, initialised with seed 0) as a folder with the task tokenizer."""
+    folder = tmp_path_factory.mktemp("grpo") / "tiny"
+    model = Model(ModelArgs.from_dict(TINY))
+    init_weights(model, 0)
+    save_model(model, folder, model.args.to_dict())
+    copy_tokenizer(tok_dir, folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def grpo_runs(tmp_path_factory):
+    return tmp_path_factory.mktemp("grpo-runs")
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory, checkpoints, dp_batch, tok_dir, chat_model, grpo_model, grpo_runs):
     """Both ranks' results of every job (one mlx.launch run)."""
     out = tmp_path_factory.mktemp("ranks")
     jobs = [f"logits:{mode}:{path}" for path in checkpoints.values() for mode in ("ep", "pp")]
     jobs += [f"cli:{mode}:{chat_model}" for mode in ("ep", "pp")]
     jobs.append(f"dp:{tok_dir}:{dp_batch[0]}")
+    jobs.append(f"grpo:{grpo_model}:{grpo_runs}")
     run_ranks([sys.executable, str(WORKER), str(out), *jobs], ranks=2, backend="ring", timeout=300, env=env())
     return [dict(np.load(out / f"rank{r}.npz")) for r in range(2)]
 
@@ -162,6 +184,47 @@ def test_data_parallel_step_equals_single_process_step(ranks, dp_batch, tok):
     moved = max(np.abs(single[k] - v).max() for k, v in tree_flatten(Model(ModelArgs.from_dict(TINY)).parameters())
                 if k in single)
     assert moved > 1e-3  # the step did change the parameters
+
+
+@pytest.mark.parametrize("case", list(GRPO_CASES))
+def test_data_parallel_grpo_step_equals_single_process_step(ranks, grpo_model, case):
+    """Fixed rollouts (a function of the prompt): 2 ranks, each rolling out 2 of the step's 4 prompts, against one
+    process rolling out all 4. The averaged gradient, the parameters after the step and the step's metrics match
+    (grpo: sequence-count normaliser; dapo: global token count, batch-std advantages, mu = 2; expert loads summed)."""
+    grads, row, params = grpo_step(str(grpo_model), case, None)
+    base = {k: np.array(v) for k, v in tree_flatten(Model(ModelArgs.from_dict(TINY)).parameters())}
+    for rank in ranks:
+        got = json.loads(str(rank[f"grpo:{case}/row"]))
+        for key in ("loss", "grad_norm", "kl", "entropy", "reward", "reward_std", "completion_length",
+                    "load_max_mean_worst"):
+            assert got[key] == pytest.approx(row[key], rel=1e-5, abs=1e-6), (case, key)
+        scale = max(np.abs(v).max() for v in grads.values())
+        assert scale > 1e-4  # a gradient flows
+        assert max(np.abs(rank[f"grpo:{case}/grad/{k}"] - v).max() for k, v in grads.items()) <= 1e-5 * scale
+        worst = max(np.abs(rank[f"grpo:{case}/param/{k}"] - v).max() for k, v in params.items())
+        assert worst < 1e-5, (case, worst)
+    moved = [k for k, v in params.items() if k not in base or np.abs(v - base[k]).max() > 1e-4]
+    assert any(k.endswith("lora_b") for k in moved)
+
+
+def test_grpo_ranks_roll_out_their_own_prompts_and_resume(ranks, grpo_runs):
+    """Real rollouts: rank r samples the r-th half of the prompts one process would take (so the ranks' groups
+    differ); only rank 0 writes metrics; a run resumed after step 1 repeats the uninterrupted run's step 2."""
+    seen = [json.loads(str(rank["grpo/rollouts"])) for rank in ranks]  # per rank: a1, a2, b1, b2 (resumed)
+    assert [len(s) for s in seen] == [4, 4] and all(len(step) == 2 for s in seen for step in s)
+    stream = PromptStream("arithmetic", None, seed=1, task_options=GRPO_RUN["task_options"])
+    expected = [r["prompt"] for r in stream.take(8)]
+    for step in range(2):
+        assert [p for s in seen for p, _ in s[step]] == expected[4 * step: 4 * step + 4]
+        assert [c for _, c in seen[0][step]] != [c for _, c in seen[1][step]]
+    for s in seen:
+        assert s[2:] == s[:2]  # run b (1 step, then resumed) rolls out exactly what run a did
+    a, b = read_metrics(grpo_runs / "a"), read_metrics(grpo_runs / "b")
+    assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2]
+    for key in ("reward", "loss", "kl", "completion_length", "grad_norm"):
+        assert a[1][key] == pytest.approx(b[1][key], rel=1e-5, abs=1e-7), key
+    wa, wb = (mx.load(str(grpo_runs / run / "adapters" / ADAPTER_FILE)) for run in ("a", "b"))
+    assert wa.keys() == wb.keys() and all(np.abs(np.array(wa[k]) - np.array(wb[k])).max() < 1e-6 for k in wa)
 
 
 def test_generate_command_on_the_ranks(ranks, chat_model, capsys):

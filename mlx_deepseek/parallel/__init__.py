@@ -15,14 +15,14 @@ MPI, NCCL on CUDA), launched with `mlx.launch`.
 - launching (`launch`): `mlx.launch` command lines for a hostfile or N local ranks.
 """
 
-from .data import active, average_gradients, common_seed, global_sum, shard_rows
+from .data import active, average_gradients, common_seed, gather_rows, global_sum, rank_block, shard_rows
 from .experts import LocalExperts, shard_experts
 from .loading import Shard, load_sharded, plan
 from .pipeline import PipelineStage, pipeline, split
 
 __all__ = [
-    "LocalExperts", "PipelineStage", "Shard", "active", "average_gradients", "common_seed", "global_sum", "load_sharded",
-    "pipeline", "plan", "shard_experts", "shard_rows", "split",
+    "LocalExperts", "PipelineStage", "Shard", "active", "average_gradients", "common_seed", "gather_rows", "global_sum",
+    "load_sharded", "pipeline", "plan", "rank_block", "shard_experts", "shard_rows", "split",
 ]
 
 

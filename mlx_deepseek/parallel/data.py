@@ -29,16 +29,35 @@ def global_sum(x: mx.array, group: Optional[Group]) -> mx.array:
     return x if active(group) is None else mx.distributed.all_sum(x, group=group)
 
 
+def rank_block(rows: int, group: Optional[Group]) -> slice:
+    """This rank's block of `rows` items split in equal contiguous blocks, rank order (all of them in one
+    process)."""
+    if active(group) is None:
+        return slice(0, rows)
+    n, r = group.size(), group.rank()
+    if rows % n:
+        raise ValueError(f"a batch of {rows} rows does not split over {n} ranks; use a multiple of {n}")
+    per = rows // n
+    return slice(r * per, (r + 1) * per)
+
+
 def shard_rows(arrays, group: Optional[Group]):
     """This rank's rows of each array (the batch split in equal contiguous blocks, rank order)."""
     if active(group) is None:
         return arrays
-    n, r = group.size(), group.rank()
-    rows = arrays[0].shape[0]
-    if rows % n:
-        raise ValueError(f"a batch of {rows} rows does not split over {n} ranks; use a multiple of {n}")
-    per = rows // n
-    return tuple(a[r * per : (r + 1) * per] for a in arrays)
+    block = rank_block(arrays[0].shape[0], group)
+    return tuple(a[block] for a in arrays)
+
+
+def gather_rows(x, group: Optional[Group]) -> np.ndarray:
+    """Every rank's rows of `x` (the same shape on each) concatenated in rank order, as float64, bit-exact
+    (sent as raw 32-bit words, so any backend carries them); `x` itself in one process."""
+    x = np.atleast_1d(np.ascontiguousarray(x, dtype=np.float64))
+    if active(group) is None:
+        return x
+    words = mx.array(x.reshape(len(x), -1).view(np.uint32))
+    out = np.array(mx.distributed.all_gather(words, group=group, stream=mx.cpu)).view(np.float64)
+    return out.reshape(group.size() * len(x), *x.shape[1:])
 
 
 def common_seed(seed: Optional[int], group: Optional[Group]) -> Optional[int]:

@@ -27,6 +27,7 @@ and adapters/ (LoRA).
 from __future__ import annotations
 
 import json
+import os
 import random
 import time
 from dataclasses import asdict, dataclass, field
@@ -341,9 +342,16 @@ class GRPOTrainer(Trainer):
     pruned), resume, metrics truncation and final save; the step is GRPO's."""
 
     def __init__(self, model, tokenizer, cfg: GRPOConfig, out: Union[str, Path], progress: bool = True,
-                 tokenizer_dir: Optional[Path] = None, ref_model=None):
+                 tokenizer_dir: Optional[Path] = None, ref_model=None, group: Optional[mx.distributed.Group] = None):
+        """group: data parallelism over its ranks. `prompts_per_step` stays the GLOBAL number of prompts: rank r
+        rolls out the r-th contiguous block of each step's prompts (the ones one process would take), with its
+        own sampling seed; rank 0 writes (see DISTRIBUTED.md)."""
         cfg.check()
-        self.group, self.main = None, True  # one process (data parallelism: see compute_grads)
+        self.group = parallel.active(group)
+        self.main = self.group is None or self.group.rank() == 0
+        if self.group is not None and cfg.prompts_per_step % self.group.size():
+            raise ValueError(f"prompts_per_step={cfg.prompts_per_step} must be a multiple of the {self.group.size()} "
+                             "ranks (it counts the prompts of all ranks together)")
         self.model, self.tokenizer, self.cfg = model, tokenizer, cfg
         self.tokenizer_dir = Path(tokenizer_dir) if tokenizer_dir is not None else None
         self.out, self.progress = Path(out), progress
@@ -374,28 +382,53 @@ class GRPOTrainer(Trainer):
     # ---- one rollout batch -----------------------------------------------------------------------
     def make_batch(self) -> RolloutBatch:
         """Rollouts of the next prompts; with resample_zero_std, groups whose rewards all agree are replaced by
-        fresh prompts' groups (up to that many rounds; left in, they only carry zero advantage)."""
+        fresh prompts' groups (up to that many rounds; left in, they only carry zero advantage). With data
+        parallelism each rank rolls out its block of the prompts (`_take_own`) and keeps prompts_per_step / ranks
+        groups; "batch" reward scaling uses the std over every rank's rewards (gathered: exactly one process's)."""
         cfg = self.cfg
         weights = self.reward_set.weight_vector
-        groups, info = rollout(self.model, self.tokenizer, self.data.take(cfg.prompts_per_step), cfg, self.reward_set)
+        ranks = 1 if self.group is None else self.group.size()
+        per_rank = cfg.prompts_per_step // ranks
+        groups, info = rollout(self.model, self.tokenizer, self._take_own([per_rank] * ranks), cfg, self.reward_set)
         first_zero = self._zero_std(groups, weights)
-        zero_frac = float(np.mean(first_zero))
+        zero_frac = float(np.mean(parallel.gather_rows(first_zero, self.group)))
         for _ in range(cfg.resample_zero_std):
             zero = self._zero_std(groups, weights)
-            if not zero.any():
+            wanted = parallel.gather_rows([zero.sum()], self.group).astype(int)  # every rank's zero-std groups
+            if not wanted.any():
                 break
-            fresh, more = rollout(self.model, self.tokenizer, self.data.take(int(zero.sum())), cfg, self.reward_set)
+            fresh, more = [], dict.fromkeys(info, 0)
+            if zero.any():
+                fresh, more = rollout(self.model, self.tokenizer, self._take_own(wanted), cfg, self.reward_set)
+            else:
+                self._take_own(wanted)  # the stream moves past the other ranks' fresh prompts
             info = {k: info[k] + more[k] for k in info}
-            fresh_zero = self._zero_std(fresh, weights)
+            fresh_zero = self._zero_std(fresh, weights) if fresh else np.zeros(0, bool)
             kept = [g for g, z in zip(groups, zero) if not z] + [g for g, z in zip(fresh, fresh_zero) if not z]
             spare = [g for g, z in zip(groups, zero) if z] + [g for g, z in zip(fresh, fresh_zero) if z]
-            groups = (kept + spare)[: cfg.prompts_per_step]
+            groups = (kept + spare)[:per_rank]
         table = np.concatenate([g.rewards for g in groups])
-        adv, total, _ = group_advantages(table, weights, cfg.group_size, cfg.scale_rewards)
+        if cfg.scale_rewards == "batch" and self.group is not None:  # the std of the whole step's rewards
+            everyone = parallel.gather_rows(table, self.group)
+            adv, total, _ = group_advantages(everyone, weights, cfg.group_size, cfg.scale_rewards)
+            mine = parallel.rank_block(len(everyone), self.group)
+            adv, total = adv[mine], total[mine]
+        else:
+            adv, total, _ = group_advantages(table, weights, cfg.group_size, cfg.scale_rewards)
         if cfg.mask_truncated:
             truncated = np.concatenate([g.truncated for g in groups])
             adv = np.where(truncated, 0.0, adv).astype(np.float32)
         return RolloutBatch(groups, adv, table, total, zero_frac, info["gen_tokens"], info["gen_seconds"])
+
+    def _take_own(self, counts) -> list[dict]:
+        """This rank's rows of the next sum(counts) prompts of the stream: the r-th contiguous block, counts[r]
+        rows long (one process: the next counts[0]). Every rank's stream moves past all of them."""
+        r = 0 if self.group is None else self.group.rank()
+        counts = [int(c) for c in counts]
+        start = self.data.position + sum(counts[:r])
+        rows = [self.data.row_at(start + k) for k in range(counts[r])]
+        self.data.position += sum(counts)
+        return rows
 
     def _zero_std(self, groups: list[Group], weights: np.ndarray) -> np.ndarray:
         table = np.concatenate([g.rewards for g in groups])
@@ -439,7 +472,7 @@ class GRPOTrainer(Trainer):
         if self.trace is not None:
             self.trace.clear()
 
-    def _micro_loss(self, model, batch: RolloutBatch, k: int, n_tokens: float, max_len: int):
+    def _micro_loss(self, model, batch: RolloutBatch, k: int, n_tokens: float, max_len: int, n_sequences: float):
         cfg, g = self.cfg, batch.groups[k]
         if self.trace is not None:
             self.trace.clear()
@@ -451,7 +484,7 @@ class GRPOTrainer(Trainer):
             old_logps=batch.old_logps[k] if batch.old_logps else None,
             ref_logps=batch.ref_logps[k] if batch.ref_logps else None,
             beta=cfg.beta, epsilon=cfg.epsilon, epsilon_high=cfg.epsilon_high, loss_type=cfg.loss_type,
-            n_sequences=batch.n_sequences, n_tokens=n_tokens, max_completion_length=max_len, entropy=entropy,
+            n_sequences=n_sequences, n_tokens=n_tokens, max_completion_length=max_len, entropy=entropy,
         )
         counts = balance.layer_counts(self.trace, self.n_experts) if self.trace is not None else mx.zeros((0, 1))
         return loss, stats, counts
@@ -459,32 +492,51 @@ class GRPOTrainer(Trainer):
     def compute_grads(self, batch: RolloutBatch) -> tuple[dict, dict]:
         """THE gradient of the GRPO loss of one rollout batch w.r.t. the trainable parameters (summed over the
         per-prompt micro-batches, each already normalised for the whole batch), and the step's statistics.
-        Data-parallel training averages here (`mx.distributed.all_sum` of grads and of the normalisers)."""
-        n_tokens = float(sum(len(c) for g in batch.groups for c in g.completions))
+        Data-parallel training averages here: the normalisers (completion tokens, sequences) are each rank's share
+        (1 / ranks) of the global ones, so the mean of the ranks' gradients is one process's gradient on all the
+        ranks' rollouts; loss, statistics and expert counts are those of the whole step on every rank."""
+        n_tokens, n_sequences = self._normalisers(batch)
         max_len = self.cfg.max_completion_tokens
         loss_and_grad = nn.value_and_grad(self.model, self._micro_loss)
         grads, loss, sums, counts = None, 0.0, {}, None
         for k in range(len(batch.groups)):
-            (l, stats, c), g = loss_and_grad(self.model, batch, k, n_tokens, max_len)
+            (l, stats, c), g = loss_and_grad(self.model, batch, k, n_tokens, max_len, n_sequences)
             grads = g if grads is None else tree_map(mx.add, grads, g)
             mx.eval(grads, l, stats, c)
             loss += l.item()
             for name, v in stats.items():
                 sums[name] = sums.get(name, 0.0) + v.item()
             counts = np.array(c) if counts is None else counts + np.array(c)
-        grads = parallel.average_gradients(grads, getattr(self, "group", None))  # data parallelism (a group of >1 ranks)
+        grads = parallel.average_gradients(grads, self.group)  # data parallelism (a group of >1 ranks)
+        if self.group is not None:  # the whole step's numbers: sums and counts added, the loss shares averaged
+            names = sorted(sums)
+            added = np.array(parallel.global_sum(mx.array([loss / self.group.size()] + [sums[n] for n in names]), self.group))
+            loss, sums = float(added[0]), dict(zip(names, added[1:].tolist()))
+            if counts is not None and counts.size:
+                counts = np.array(parallel.global_sum(mx.array(counts), self.group))
         tokens = max(sums.pop("tokens"), 1.0)
         out = {"loss": loss, **{k: v / tokens for k, v in sums.items()}}
         if counts is not None and counts.size:
             out["counts"] = counts
         return grads, out
 
+    def _normalisers(self, batch: RolloutBatch) -> tuple[float, float]:
+        """(completion tokens, sequences) that the loss divides by: the batch's, or with data parallelism this
+        rank's share (1 / ranks) of the sums over all ranks."""
+        n = [float(sum(len(c) for g in batch.groups for c in g.completions)), float(batch.n_sequences)]
+        if self.group is None:
+            return n[0], n[1]
+        tokens, sequences = np.array(parallel.global_sum(mx.array(n), self.group)).tolist()
+        return tokens / self.group.size(), sequences / self.group.size()
+
     # ---- the step -----------------------------------------------------------------------------------
     def train_step(self) -> dict:
         """Rollouts, rewards, advantages, then mu optimizer updates. The global RNG is reseeded from (seed,
-        step) first, so a resumed run samples exactly what an uninterrupted one does."""
+        step, rank) first, so a resumed run samples exactly what an uninterrupted one does, and with data
+        parallelism each rank samples differently (rank 0 as one process would)."""
         cfg = self.cfg
-        mx.random.seed((cfg.seed * 1_000_003 + self.step) % 2**32)
+        rank = 0 if self.group is None else self.group.rank()
+        mx.random.seed((cfg.seed * 1_000_003 + self.step + rank * 7_919_000_009) % 2**32)
         tic = time.perf_counter()
         batch = self.make_batch()
         self.prepare(batch)
@@ -504,11 +556,18 @@ class GRPOTrainer(Trainer):
         return self._step_metrics(batch, updates, time.perf_counter() - tic)
 
     def _step_metrics(self, batch: RolloutBatch, updates: list[dict], seconds: float) -> dict:
+        """The step's numbers; with data parallelism those of every rank's rollouts together (reward_errors: this
+        rank's)."""
         lengths = [len(c) for g in batch.groups for c in g.completions]
         truncated = [t for g in batch.groups for t in g.truncated]
-        row = {"step": self.step, "reward": float(np.nanmean(batch.total)), "reward_std": float(_nanstd(batch.total))}
+        total, rewards, gen_tokens, gen_seconds = batch.total, batch.rewards, batch.gen_tokens, batch.gen_seconds
+        if self.group is not None:
+            total, rewards, lengths, truncated = (parallel.gather_rows(x, self.group) for x in (total, rewards, lengths, truncated))
+            gen = parallel.gather_rows([[gen_tokens, gen_seconds]], self.group)
+            gen_tokens, gen_seconds = gen[:, 0].sum(), gen[:, 1].max()  # the ranks generate at the same time
+        row = {"step": self.step, "reward": float(np.nanmean(total)), "reward_std": float(_nanstd(total))}
         for j, name in enumerate(self.reward_set.names):
-            row[f"rewards/{name}"] = float(np.nanmean(batch.rewards[:, j])) if not np.isnan(batch.rewards[:, j]).all() else float("nan")
+            row[f"rewards/{name}"] = float(np.nanmean(rewards[:, j])) if not np.isnan(rewards[:, j]).all() else float("nan")
         if "accuracy" in self.reward_set.names:
             row["accuracy"] = row["rewards/accuracy"]
         for key in ("loss", "grad_norm", "entropy", "kl", "clip_low", "clip_high", "clip_region"):
@@ -517,7 +576,7 @@ class GRPOTrainer(Trainer):
         row.update({
             "completion_length": float(np.mean(lengths)), "truncation": float(np.mean(truncated)),
             "zero_std_frac": batch.zero_std_frac, "lr": float(self.optimizer.learning_rate.item()),
-            "gen_tokens_per_s": batch.gen_tokens / max(batch.gen_seconds, 1e-9), "step_seconds": seconds,
+            "gen_tokens_per_s": float(gen_tokens / max(gen_seconds, 1e-9)), "step_seconds": seconds,
             "reward_errors": dict(self.reward_set.errors),
         })
         if "counts" in updates[0]:
@@ -563,14 +622,16 @@ class GRPOTrainer(Trainer):
 
     def save_checkpoint(self) -> Path:
         path = super().save_checkpoint()
+        if not self.main:  # data parallelism: rank 0 writes
+            return path
         state = json.loads((path / STATE_FILE).read_text())  # the loop's state, plus the reward error counts
         state["reward_errors"] = self.reward_set.errors
         (path / STATE_FILE).write_text(json.dumps(state))
         return path
 
     def save_final(self) -> Path:
-        """out/model (LoRA: adapters fused in, float) and, for LoRA, out/adapters."""
-        if self.lora is not None:
+        """out/model (LoRA: adapters fused in, float) and, for LoRA, out/adapters (rank 0 writes)."""
+        if self.lora is not None and self.main:
             with atomic_folder(self.out / "adapters") as tmp:
                 lora.save_adapters(self.model, tmp, self.lora)
                 (tmp / "base_model.txt").write_text(str(getattr(self, "base_path", "")))
@@ -582,24 +643,28 @@ class GRPOTrainer(Trainer):
     def run(self, resume: bool = False) -> Path:
         cfg = self.cfg
         self.out.mkdir(parents=True, exist_ok=True)
-        if resume and not self.resume():
+        if resume and not self.resume() and self.main:
             print(f"no checkpoint in {self.checkpoint_dir}; starting from step 0")
-        self._truncate_metrics()
-        (self.out / "grpo_config.json").write_text(json.dumps(asdict(cfg), indent=2))
+        if self.main:  # data parallelism: rank 0 writes, and evaluates (greedy: the same on every rank)
+            self._truncate_metrics()
+            (self.out / "grpo_config.json").write_text(json.dumps(asdict(cfg), indent=2))
         from tqdm import tqdm
 
-        bar = tqdm(total=cfg.steps, initial=self.step, disable=not self.progress, unit="step", dynamic_ncols=True)
+        bar = tqdm(total=cfg.steps, initial=self.step, disable=not (self.progress and self.main), unit="step",
+                   dynamic_ncols=True)
         started = time.perf_counter()
-        with open(self.out / "metrics.jsonl", "a") as metrics:
-            if cfg.eval_every and self.step == 0:
+        evaluate = bool(cfg.eval_every) and self.main
+        with open(self.out / "metrics.jsonl" if self.main else os.devnull, "a") as metrics:
+            if evaluate and self.step == 0:
                 metrics.write(json.dumps({"step": 0, **{f"eval_{k}": v for k, v in self.evaluate().items()}}) + "\n")
             while self.step < cfg.steps:
                 row = self.train_step()
                 bar.update(1)
-                out_of_time = bool(cfg.max_minutes) and time.perf_counter() - started > 60 * cfg.max_minutes
+                late = float(time.perf_counter() - started > 60 * cfg.max_minutes)
+                out_of_time = bool(cfg.max_minutes) and parallel.global_sum(mx.array(late), self.group).item() > 0  # any rank
                 last = self.step == cfg.steps or out_of_time
                 row["minutes"] = (time.perf_counter() - started) / 60
-                if cfg.eval_every and (self.step % cfg.eval_every == 0 or last):
+                if evaluate and (self.step % cfg.eval_every == 0 or last):
                     row.update({f"eval_{k}": v for k, v in self.evaluate().items()})
                 if self.step % cfg.log_every == 0 or last or "eval_accuracy" in row:
                     metrics.write(json.dumps(row) + "\n")
@@ -610,7 +675,8 @@ class GRPOTrainer(Trainer):
                 if self.step % cfg.save_every == 0 or last:
                     self.save_checkpoint()
                 if out_of_time:
-                    print(f"stopping after step {self.step}: the {cfg.max_minutes}-minute limit has passed")
+                    if self.main:
+                        print(f"stopping after step {self.step}: the {cfg.max_minutes}-minute limit has passed")
                     break
         bar.close()
         return self.save_final()
@@ -645,7 +711,8 @@ def load_for_training(model_path, dequantize: bool = True):
 
 def grpo(model_path, out: Union[str, Path], cfg: Optional[GRPOConfig] = None, resume: bool = False,
          progress: bool = True) -> Path:
-    """GRPO-train the model at `model_path` (None: the bundled nano-r1) into `out`; returns out/model."""
+    """GRPO-train the model at `model_path` (None: the bundled nano-r1) into `out`; returns out/model. Started by
+    mlx.launch (`train grpo --ranks N | --hostfile H`), data-parallel over the ranks."""
     cfg = cfg or GRPOConfig()
     cfg.check()
     out = Path(out)
@@ -658,7 +725,8 @@ def grpo(model_path, out: Union[str, Path], cfg: Optional[GRPOConfig] = None, re
     if cfg.finetune == "full" and cfg.beta != 0.0:
         ref, _, _ = load_for_training(folder, True)
         ref.freeze()
-    trainer = GRPOTrainer(model, tok, cfg, out, progress=progress, tokenizer_dir=folder, ref_model=ref)
+    group = parallel.active(mx.distributed.init())  # data parallelism when started by mlx.launch
+    trainer = GRPOTrainer(model, tok, cfg, out, progress=progress, tokenizer_dir=folder, ref_model=ref, group=group)
     trainer.base_path = folder
     return trainer.run(resume=resume)
 
