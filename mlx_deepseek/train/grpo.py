@@ -18,6 +18,8 @@ A step: P prompts x G samples decoded together (`generate.batch_generate`; the G
 prefill), rewards (`rewards.RewardSet`), advantages, optionally zero-variance groups replaced by fresh prompts
 (DAPO's dynamic sampling), then mu optimizer updates on that rollout batch. `GRPOTrainer.compute_grads` is
 the one place gradients are made (micro-batch by micro-batch, already normalised for the whole batch).
+Data-parallel (`group=`, `train grpo --ranks N`): each rank rolls out its block of the step's prompts and the
+averaged gradient equals one process's on all of them (DISTRIBUTED.md, "Data-parallel GRPO").
 
 The run folder is that of `loop.Trainer` (whose checkpointing, resume and metrics it reuses): metrics.jsonl,
 checkpoints/step-N (adapters or the full model, optimizer, state), model/ (LoRA: the adapters fused in, float)
