@@ -193,7 +193,7 @@ def test_zero_variance_groups_are_counted_and_resampled(tiny_folder, tmp_path, m
     assert isinstance(batch, RolloutBatch) and len(batch.groups) == 2
     # a random tiny model answers nothing right: every group has zero variance, so two more rounds were drawn
     assert batch.zero_std_frac == 1.0 and len(calls) == 6 and tr.data.position == 6  # 3 rounds x 2 groups
-    assert np.all(batch.advantages == 0)
+    assert np.all(batch.advantages == 0) and len(batch.drawn) == 18  # every rollout drawn is kept for the means
 
 
 def test_train_grpo_command_with_a_raising_reward_and_fuse(tiny_folder, tmp_path):

@@ -332,6 +332,7 @@ class RolloutBatch:
     gen_seconds: float
     old_logps: list = field(default_factory=list)  # per group [G, C] (mu > 1)
     ref_logps: list = field(default_factory=list)  # per group [G, C] (beta != 0)
+    drawn: Optional[np.ndarray] = None  # [all rollouts drawn, F]: with resampling, more rows than `rewards`
 
     @property
     def n_sequences(self) -> int:
@@ -394,6 +395,7 @@ class GRPOTrainer(Trainer):
         groups, info = rollout(self.model, self.tokenizer, self._take_own([per_rank] * ranks), cfg, self.reward_set)
         first_zero = self._zero_std(groups, weights)
         zero_frac = float(np.mean(parallel.gather_rows(first_zero, self.group)))
+        drawn = [g.rewards for g in groups]  # every rollout, the replaced groups' too (unbiased reward means)
         for _ in range(cfg.resample_zero_std):
             zero = self._zero_std(groups, weights)
             wanted = parallel.gather_rows([zero.sum()], self.group).astype(int)  # every rank's zero-std groups
@@ -406,6 +408,7 @@ class GRPOTrainer(Trainer):
                 self._take_own(wanted)  # the stream moves past the other ranks' fresh prompts
             info = {k: info[k] + more[k] for k in info}
             fresh_zero = self._zero_std(fresh, weights) if fresh else np.zeros(0, bool)
+            drawn += [g.rewards for g in fresh]
             kept = [g for g, z in zip(groups, zero) if not z] + [g for g, z in zip(fresh, fresh_zero) if not z]
             spare = [g for g, z in zip(groups, zero) if z] + [g for g, z in zip(fresh, fresh_zero) if z]
             groups = (kept + spare)[:per_rank]
@@ -420,7 +423,8 @@ class GRPOTrainer(Trainer):
         if cfg.mask_truncated:
             truncated = np.concatenate([g.truncated for g in groups])
             adv = np.where(truncated, 0.0, adv).astype(np.float32)
-        return RolloutBatch(groups, adv, table, total, zero_frac, info["gen_tokens"], info["gen_seconds"])
+        return RolloutBatch(groups, adv, table, total, zero_frac, info["gen_tokens"], info["gen_seconds"],
+                            drawn=np.concatenate(drawn))
 
     def _take_own(self, counts) -> list[dict]:
         """This rank's rows of the next sum(counts) prompts of the stream: the r-th contiguous block, counts[r]
@@ -572,6 +576,10 @@ class GRPOTrainer(Trainer):
             row[f"rewards/{name}"] = float(np.nanmean(rewards[:, j])) if not np.isnan(rewards[:, j]).all() else float("nan")
         if "accuracy" in self.reward_set.names:
             row["accuracy"] = row["rewards/accuracy"]
+            if batch.drawn is not None and len(batch.drawn) > len(batch.rewards):  # zero-std groups were replaced
+                drawn = batch.drawn[:, self.reward_set.names.index("accuracy")]
+                sums = parallel.gather_rows([[np.nansum(drawn), np.sum(~np.isnan(drawn))]], self.group).sum(axis=0)
+                row["accuracy_drawn"] = float(sums[0] / max(sums[1], 1))  # every rollout drawn, replaced ones too
         for key in ("loss", "grad_norm", "entropy", "kl", "clip_low", "clip_high", "clip_region"):
             if key in updates[0]:
                 row[key] = float(np.mean([u[key] for u in updates]))
