@@ -576,10 +576,12 @@ class GRPOTrainer(Trainer):
             row[f"rewards/{name}"] = float(np.nanmean(rewards[:, j])) if not np.isnan(rewards[:, j]).all() else float("nan")
         if "accuracy" in self.reward_set.names:
             row["accuracy"] = row["rewards/accuracy"]
-            if batch.drawn is not None and len(batch.drawn) > len(batch.rewards):  # zero-std groups were replaced
+            if self.cfg.resample_zero_std and batch.drawn is not None:  # every rank alike (a collective below)
                 drawn = batch.drawn[:, self.reward_set.names.index("accuracy")]
-                sums = parallel.gather_rows([[np.nansum(drawn), np.sum(~np.isnan(drawn))]], self.group).sum(axis=0)
-                row["accuracy_drawn"] = float(sums[0] / max(sums[1], 1))  # every rollout drawn, replaced ones too
+                replaced = len(batch.drawn) > len(batch.rewards)  # zero-std groups were replaced (on this rank)
+                sums = parallel.gather_rows([[np.nansum(drawn), np.sum(~np.isnan(drawn)), replaced]], self.group).sum(axis=0)
+                if sums[2]:
+                    row["accuracy_drawn"] = float(sums[0] / max(sums[1], 1))  # every rollout drawn, replaced ones too
         for key in ("loss", "grad_norm", "entropy", "kl", "clip_low", "clip_high", "clip_region"):
             if key in updates[0]:
                 row[key] = float(np.mean([u[key] for u in updates]))
