@@ -44,8 +44,9 @@ def evaluate(model, tokenizer, task: str = "arithmetic", split: str = "heldout",
             mtp_tokens += spec.generation_tokens
             mtp_time += spec.generation_tokens / max(spec.generation_tps, 1e-9)
             drafted, accepted = drafted + spec.mtp_drafted, accepted + spec.mtp_accepted
-    out["decode_tps"] = plain_tokens / max(plain_time, 1e-9)
-    if model.mtp:
+    if speed_samples:
+        out["decode_tps"] = plain_tokens / max(plain_time, 1e-9)
+    if speed_samples and model.mtp:
         out["mtp_acceptance"] = accepted / max(drafted, 1)
         out["mtp_decode_tps"] = mtp_tokens / max(mtp_time, 1e-9)
         out["mtp_speedup"] = out["mtp_decode_tps"] / out["decode_tps"]
