@@ -156,6 +156,18 @@ def test_dora_and_full_finetuning_steps(tiny_folder, tmp_path):
         GRPOTrainer(load_for_training(tiny_folder)[0], tok, cfg, tmp_path / "x", progress=False)
 
 
+def test_bias_update_moves_the_main_routers_only(tiny_folder, tmp_path):
+    """With bias_gamma > 0 the rollouts' expert counts move the main model's biases; GRPO never runs the
+    MTP module, whose bias stays put."""
+    tr = _trainer(tiny_folder, tmp_path / "run", bias_gamma=0.01)
+    assert len(tr.moe) == 2 and tr.moe[-1].layer >= tr.model.args.num_hidden_layers  # the MTP module's MoE
+    before = [np.array(m.gate.e_score_correction_bias) for m in tr.moe]
+    tr.train_step()
+    after = [np.array(m.gate.e_score_correction_bias) for m in tr.moe]
+    assert np.abs(after[0] - before[0]).max() > 0
+    np.testing.assert_array_equal(after[1], before[1])
+
+
 def test_resume_reproduces_the_next_step(tiny_folder, tmp_path):
     a = _trainer(tiny_folder, tmp_path / "a", mu=2, beta=0.04)
     a.run()

@@ -133,6 +133,19 @@ def test_balance_losses_match_the_papers_formulas():
     assert abs(balance.sequence_balance_loss(uniform, mx.array([[[0, 1], [2, 3], [0, 1], [2, 3]]]), 2).item() - 1.0) < 1e-6
 
 
+def test_bias_update_without_the_mtp_loss_leaves_the_mtp_router_alone(tok, tmp_path):
+    """With lambda = 0 the MTP module does not run: its expert counts are zero and its bias stays put."""
+    model = tiny_model()
+    trainer = Trainer(model, tok, TrainConfig(steps=1, mtp_weight=0.0, bias_gamma=0.01, **FAST), tmp_path,
+                      progress=False)
+    main, mtp = balance.moe_layers(model)
+    before = np.array(main.gate.e_score_correction_bias), np.array(mtp.gate.e_score_correction_bias)
+    counts = trainer.train_step(*next(trainer.data))["counts"]
+    assert counts[0].sum() == 4 * 48 * 2 and counts[1].sum() == 0
+    assert np.abs(np.array(main.gate.e_score_correction_bias) - before[0]).max() > 0
+    np.testing.assert_array_equal(np.array(mtp.gate.e_score_correction_bias), before[1])
+
+
 def test_balance_losses_train_the_router(tok, tmp_path):
     model = tiny_model()
     cfg = TrainConfig(steps=1, mtp_weight=0.0, seq_aux_alpha=1.0, expert_aux_alpha=1.0, device_aux_alpha=1.0,

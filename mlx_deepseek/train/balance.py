@@ -66,13 +66,16 @@ def one_hot_selection(inds: mx.array, n_experts: int) -> mx.array:
     return (inds[..., None] == mx.arange(n_experts)).astype(mx.float32).sum(axis=-2)
 
 
-def layer_counts(trace: RoutingTrace, n_experts: int) -> mx.array:
-    """[n_moe_layers, n_experts]: how many tokens each expert received in the traced pass(es), by layer order."""
+def layer_counts(trace: RoutingTrace, n_experts: int, layers: list[int]) -> mx.array:
+    """[len(layers), n_experts]: how many tokens each expert of these MoE layers received in the traced
+    pass(es); zeros for a layer that did not run (the MTP module when no MTP loss is computed)."""
     by_layer: dict[int, mx.array] = {}
     for layer, inds, _ in trace.records:
         c = one_hot_selection(inds, n_experts).reshape(-1, n_experts).sum(axis=0)
         by_layer[layer] = by_layer[layer] + c if layer in by_layer else c
-    return mx.stack([by_layer[k] for k in sorted(by_layer)]) if by_layer else mx.zeros((0, n_experts))
+    if not layers:
+        return mx.zeros((0, n_experts))
+    return mx.stack([by_layer.get(k, mx.zeros((n_experts,))) for k in layers])
 
 
 def load_ratio(counts) -> list[float]:

@@ -492,7 +492,9 @@ class GRPOTrainer(Trainer):
             beta=cfg.beta, epsilon=cfg.epsilon, epsilon_high=cfg.epsilon_high, loss_type=cfg.loss_type,
             n_sequences=n_sequences, n_tokens=n_tokens, max_completion_length=max_len, entropy=entropy,
         )
-        counts = balance.layer_counts(self.trace, self.n_experts) if self.trace is not None else mx.zeros((0, 1))
+        counts = mx.zeros((0, 1))
+        if self.trace is not None:
+            counts = balance.layer_counts(self.trace, self.n_experts, [m.layer for m in self.moe])
         return loss, stats, counts
 
     def compute_grads(self, batch: RolloutBatch) -> tuple[dict, dict]:

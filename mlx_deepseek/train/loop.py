@@ -192,7 +192,7 @@ class Trainer:
                 self.trace, cfg.seq_aux_alpha, cfg.expert_aux_alpha, cfg.device_aux_alpha, cfg.n_devices
             )
             total = total + aux
-            counts = balance.layer_counts(self.trace, self.n_experts)
+            counts = balance.layer_counts(self.trace, self.n_experts, [m.layer for m in self.moe])
         return total, ce, mtp_ce, aux, counts
 
     def _build_step(self):
