@@ -32,6 +32,9 @@ def evaluate(model, tokenizer, task: str = "arithmetic", split: str = "heldout",
     }
     plain_tokens = plain_time = mtp_tokens = mtp_time = drafted = accepted = 0
     load = None
+    if speed_samples:  # a first call compiles the decode graphs (seconds on a GPU): outside the timings
+        for mtp in (False, True)[: 1 + bool(model.mtp)]:
+            generate(model, tokenizer, prompts[0], max_tokens=max_tokens, mtp=mtp)
     for prompt in prompts[:speed_samples]:
         traced = generate(model, tokenizer, prompt, max_tokens=max_tokens, trace=True).expert_trace
         if traced is not None and traced.layers:

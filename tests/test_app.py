@@ -44,11 +44,11 @@ def test_respond_streams_thinking_then_answer_with_stats_and_experts(engine):
     assert result.reasoning.strip() == thinking["content"].strip() and result.answer == answer["content"]
     for part in ("prompt 18 tokens", f"generation {result.generation_tokens} tokens", "tok/s", "peak memory", "MTP acceptance"):
         assert part in stats
-    # the heatmap: 3 MoE layers x 16 routed experts, the shared expert apart, counts summing to tokens x top-k
-    assert heatmap.count("class='c'") == 3 * 16 and heatmap.count("class='s'") == 3
+    # the heatmap: 5 MoE layers x 16 routed experts, the shared expert apart, counts summing to tokens x top-k
+    assert heatmap.count("class='c'") == 5 * 16 and heatmap.count("class='s'") == 5
     assert "fires for every token" in heatmap and "Layer 0: dense" in heatmap
     trace = session.trace
-    assert trace.load.sum(axis=1).tolist() == [len(trace.experts) * 2] * 3
+    assert trace.load.sum(axis=1).tolist() == [len(trace.experts) * 2] * 5
     assert "max / mean" in load
     assert slider.maximum == len(trace.experts) - 1 and slider.interactive
     assert "Token 0 of" in token
@@ -158,7 +158,7 @@ def test_clear_token_view_and_empty_message(engine):
 def test_model_panel(engine, tmp_path):
     session = Session()
     card = views.model_html(engine.info)
-    for part in ("DeepSeek-V3", "MLA, 4 layers", "16 routed (top-2", "active parameters", "affine 4-bit", "KV cache", "per token"):
+    for part in ("DeepSeek-V3", "MLA, 6 layers", "16 routed (top-2", "active parameters", "affine 4-bit", "KV cache", "per token"):
         assert part in card
     out = ca.switch_model(engine, session, ca.BUNDLED_LABEL, str(tmp_path / "missing"))
     assert "Could not load" in out[1] and engine.info["model_type"] == "deepseek_v3"  # the old model stays

@@ -125,7 +125,7 @@ def test_chat_in_a_real_browser(app_url, browser, outside_connections, tmp_path)
     stats = wait.until(lambda d: "generation" in d.find_element(By.CSS_SELECTOR, "#mlxds-stats").text
                        and d.find_element(By.CSS_SELECTOR, "#mlxds-stats").text)
     cells = wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#mlxds-heatmap td.c"))
-    assert len(cells) == 3 * 16  # nano-r1: 3 MoE layers x 16 routed experts
+    assert len(cells) == 5 * 16  # nano-r1: 5 MoE layers x 16 routed experts
     assert browser.find_elements(By.CSS_SELECTOR, "#mlxds-heatmap td.s")  # the shared expert, apart
     assert "tok/s" in stats and "MTP acceptance" in stats
     # the Thinking block collapses once done; opened, it shows the reasoning
