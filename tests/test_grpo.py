@@ -11,6 +11,8 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from mlx.utils import tree_flatten
+from mlx_lm.models.mla import MultiLinear
+from mlx_lm.models.switch_layers import SwitchLinear
 
 from mlx_deepseek.cli import main
 from mlx_deepseek.train import lora
@@ -114,6 +116,7 @@ def test_a_lora_step_changes_the_adapters_and_nothing_else(tiny_folder, tmp_path
     trainable = {k for k, _ in tree_flatten(tr.model.trainable_parameters())}
     assert trainable and all(k.endswith(("lora_a", "lora_b")) for k in trainable)
     assert any(".switch_mlp." in k for k in trainable) and any("kv_a_proj_with_mqa" in k for k in trainable)
+    assert any(".embed_q." in k for k in trainable) and any(".unembed_out." in k for k in trainable)
     before = _params(tr.model)
     row = tr.train_step()
     after = _params(tr.model)
@@ -137,8 +140,12 @@ def test_a_lora_step_changes_the_adapters_and_nothing_else(tiny_folder, tmp_path
 
 def test_dora_and_full_finetuning_steps(tiny_folder, tmp_path):
     tr = _trainer(tiny_folder, tmp_path / "dora", finetune="dora", beta=0.04)
-    assert any(isinstance(m, lora.DoRALinear) for _, m in tr.model.named_modules())
+    kinds = {type(m) for _, m in tr.model.named_modules()}
+    assert {lora.DoRALinear, lora.DoRASwitchLinear, lora.DoRAMultiLinear} <= kinds
+    before = _params(tr.model)
     tr.train_step()
+    after = _params(tr.model)
+    assert any(k.endswith(".switch_mlp.up_proj.m") and not np.array_equal(before[k], after[k]) for k in before)
     model, tok, _ = load_for_training(tiny_folder)
     ref, _, _ = load_for_training(tiny_folder)
     ref.freeze()
@@ -260,3 +267,28 @@ def test_rejection_sampling_keeps_the_correct_samples_and_distill_trains_on_them
                                  distill.sft_config(steps=2, batch_size=2, seq_len=32, eval_every=0, log_every=1, compile=False),
                                  progress=False)
     assert (model / "config.json").exists() and len(read_metrics(tmp_path / "student")) == 2
+
+
+@pytest.mark.parametrize("dora", [False, True])
+@pytest.mark.parametrize("quantized", [False, True])
+def test_stacked_adapters_compute_what_they_fuse_to(dora, quantized):
+    """Expert stacks and MLA's per-head W_UK / W_UV get LoRA or DoRA; an adapter starts as its base, and its
+    output equals that of the layer `fuse` makes (transposed and untransposed for the per-head layer)."""
+    mx.random.seed(0)
+    experts, heads = SwitchLinear(64, 32, 4), MultiLinear(64, 32, 2)
+    if quantized:
+        experts, heads = experts.to_quantized(group_size=32, bits=8), heads.to_quantized(group_size=32, bits=8)
+    s = lora.LoraSettings(rank=4, scale=2.0, dora=dora)
+    x, idx = mx.random.normal((3, 1, 1, 64)), mx.array([[0, 2], [3, 3], [1, 0]])
+    for base, call in ((experts, lambda m: m(x, idx)), (heads, lambda m: m(x[:, None, 0])),
+                       (heads, lambda m: m(mx.random.normal((3, 1, 5, 32), key=mx.random.key(1)), transpose=False))):
+        adapter = lora._adapter_for(base, s)
+        assert type(adapter).__name__.startswith("DoRA" if dora else "LoRA")
+        np.testing.assert_allclose(np.array(call(adapter)), np.array(call(base)), atol=1e-4)  # B = 0: the base
+        adapter.lora_b = mx.random.normal(adapter.lora_b.shape) * 0.1
+        if dora:
+            adapter.m = adapter.m * 1.5
+        out = np.array(call(adapter))
+        assert np.abs(out - np.array(call(base))).max() > 1e-2
+        np.testing.assert_allclose(np.array(call(adapter.fuse(dequantize=True))), out, atol=1e-4)
+        assert ("scales" in adapter.fuse()) == quantized  # re-quantized like the base

@@ -2,8 +2,9 @@
 
 - `apply_lora(model, LoraSettings)`: freezes the model, then wraps the chosen projections of the decoder layers:
   nn.Linear / QuantizedLinear -> mlx-lm `LoRALinear` (or `DoRALinear`), routed-expert stacks (SwitchLinear /
-  QuantizedSwitchLinear) -> `LoRASwitchLinear` (mlx-lm has no DoRA for expert stacks: they get LoRA). Only the
-  adapters train; the router and its `e_score_correction_bias` stay frozen. The MTP module is not adapted.
+  QuantizedSwitchLinear) -> mlx-lm `LoRASwitchLinear` (or `DoRASwitchLinear`), MLA's per-head W_UK / W_UV
+  (MultiLinear, `embed_q` / `unembed_out`) -> `LoRAMultiLinear` (or `DoRAMultiLinear`). Only the adapters
+  train; the router and its `e_score_correction_bias` stay frozen. The MTP module is not adapted.
 - `adapters_disabled(model)`: the base model, for the reference log-probs of GRPO's KL term (the adapters are
   swapped out, not zeroed, so DoRA's magnitude vector is out too).
 - `save_adapters` / `load_adapters`: adapters.safetensors + adapter_config.json.
@@ -28,14 +29,121 @@ from mlx_lm.tuner.lora import LoRALinear, LoRASwitchLinear
 from mlx_lm.utils import dequantize_model
 
 ADAPTER_FILE, ADAPTER_CONFIG = "adapters.safetensors", "adapter_config.json"
-ADAPTER_TYPES = (LoRALinear, DoRALinear, LoRASwitchLinear)
 
-# Module names (the last part of the path) adapted by default: MLA's q/kv down- and up-projections and output,
-# MHA's projections (V1/V2 dense families), the routed experts, the shared experts and dense FFNs.
+# Module names (the last part of the path) adapted by default: MLA's q/kv down- and up-projections (W_UK, W_UV
+# per head) and output, MHA's projections (V1/V2 dense families), the routed experts, the shared experts and
+# dense FFNs.
 DEFAULT_KEYS = (
-    "q_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "k_proj", "v_proj", "o_proj",
+    "q_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "embed_q", "unembed_out", "k_proj", "v_proj", "o_proj",
     "gate_proj", "up_proj", "down_proj",
 )
+
+
+def _dense(linear: nn.Module) -> mx.array:
+    """A stacked layer's weight [N, out, in] (experts or heads), dequantized if it is quantized."""
+    if "scales" in linear:
+        return mx.dequantize(linear.weight, linear.scales, linear.get("biases"), linear.group_size, linear.bits,
+                             linear.mode)
+    return linear.weight
+
+
+def _stacked_like(linear: nn.Module, weight: mx.array, dequantize: bool) -> nn.Module:
+    """A float layer of `linear`'s kind holding `weight` [N, out, in], re-quantized like it unless `dequantize`."""
+    n, out_dims, in_dims = weight.shape
+    kind = SwitchLinear if isinstance(linear, (SwitchLinear, QuantizedSwitchLinear)) else MultiLinear
+    fused = kind(in_dims, out_dims, n)
+    fused.weight = weight
+    if "scales" in linear and not dequantize:
+        return fused.to_quantized(group_size=linear.group_size, bits=linear.bits, mode=linear.mode)
+    return fused
+
+
+class LoRAMultiLinear(nn.Module):
+    """LoRA on MLA's per-head W_UK / W_UV (mlx-lm's MultiLinear, weight [heads, out, in]): head h's weight gets
+    scale * B_h A_h, with A [heads, r, in] and B [heads, out, r] laid out as mlx-lm's LoRASwitchLinear. The
+    absorbed attention also calls it untransposed (x @ W), which then uses the transposed update."""
+
+    @staticmethod
+    def from_base(linear: nn.Module, r: int = 8, dropout: float = 0.0, scale: float = 20.0):
+        heads, out_dims, in_dims = _dense(linear).shape
+        adapter = LoRAMultiLinear(in_dims, out_dims, heads, r, dropout, scale)
+        adapter.linear = linear
+        return adapter
+
+    def __init__(self, input_dims: int, output_dims: int, num_heads: int, r: int = 8, dropout: float = 0.0,
+                 scale: float = 20.0):
+        super().__init__()
+        self.linear = MultiLinear(input_dims, output_dims, num_heads)
+        self.dropout = nn.Dropout(p=dropout)
+        self.scale = scale
+        bound = 1 / input_dims**0.5
+        self.lora_a = mx.random.uniform(low=-bound, high=bound, shape=(num_heads, r, input_dims))
+        self.lora_b = mx.zeros((num_heads, output_dims, r))
+
+    def __call__(self, x, transpose=True):
+        y = self.linear(x, transpose)
+        if transpose:
+            z = (self.dropout(x) @ self.lora_a.swapaxes(-1, -2)) @ self.lora_b.swapaxes(-1, -2)
+        else:
+            z = (self.dropout(x) @ self.lora_b) @ self.lora_a
+        return y + (self.scale * z).astype(x.dtype)
+
+    def fuse(self, dequantize: bool = False) -> nn.Module:
+        return _stacked_like(self.linear, _dense(self.linear) + (self.scale * self.lora_b) @ self.lora_a, dequantize)
+
+
+class _StackedDoRA:
+    """DoRA for the stacked adapters (experts, heads): every row of the adapted weight W + scale * B A is
+    normalised and scaled by a learned magnitude m [N, out], initialised to the base rows' norms; the norm is a
+    constant for the gradient, as in mlx-lm's DoRALinear."""
+
+    def _init_magnitude(self) -> None:
+        self.m = mx.linalg.norm(_dense(self.linear).astype(mx.float32), axis=-1)
+
+    def _adapted(self) -> tuple[mx.array, mx.array]:
+        """(adapted weight [N, out, in], row factor m / ||row|| [N, out])."""
+        w = _dense(self.linear) + (self.scale * self.lora_b) @ self.lora_a
+        return w, self.m / mx.stop_gradient(mx.linalg.norm(w, axis=-1))
+
+    def fuse(self, dequantize: bool = False) -> nn.Module:
+        w, factor = self._adapted()
+        return _stacked_like(self.linear, (factor[..., None] * w).astype(w.dtype), dequantize)
+
+
+class DoRASwitchLinear(_StackedDoRA, LoRASwitchLinear):
+    """DoRA on a routed-expert stack (mlx-lm has DoRA for single linears only)."""
+
+    @staticmethod
+    def from_base(linear: nn.Module, r: int = 8, dropout: float = 0.0, scale: float = 20.0):
+        adapter = DoRASwitchLinear(linear.input_dims, linear.output_dims, linear.num_experts, r, dropout, scale)
+        adapter.linear = linear
+        adapter._init_magnitude()
+        return adapter
+
+    def __call__(self, x, indices, sorted_indices=False):
+        y = super().__call__(x, indices, sorted_indices)  # [..., k, 1, out] for indices [..., k]
+        return y * self._adapted()[1][indices][..., None, :].astype(x.dtype)
+
+
+class DoRAMultiLinear(_StackedDoRA, LoRAMultiLinear):
+    """DoRA on MLA's per-head W_UK / W_UV."""
+
+    @staticmethod
+    def from_base(linear: nn.Module, r: int = 8, dropout: float = 0.0, scale: float = 20.0):
+        heads, out_dims, in_dims = _dense(linear).shape
+        adapter = DoRAMultiLinear(in_dims, out_dims, heads, r, dropout, scale)
+        adapter.linear = linear
+        adapter._init_magnitude()
+        return adapter
+
+    def __call__(self, x, transpose=True):
+        factor = self._adapted()[1][:, None, :].astype(x.dtype)  # [heads, 1, out]: scales the weight's rows
+        if transpose:
+            return super().__call__(x, transpose) * factor
+        return super().__call__(x * factor, transpose)  # x @ (diag(f) W) = (x f) @ W
+
+
+ADAPTER_TYPES = (LoRALinear, DoRALinear, LoRASwitchLinear, LoRAMultiLinear)
 
 
 @dataclass
@@ -58,7 +166,9 @@ class LoraSettings:
 def _adapter_for(module: nn.Module, s: LoraSettings):
     kw = dict(r=s.rank, scale=s.scale, dropout=s.dropout)
     if isinstance(module, (SwitchLinear, QuantizedSwitchLinear)):
-        return LoRASwitchLinear.from_base(module, **kw)
+        return (DoRASwitchLinear if s.dora else LoRASwitchLinear).from_base(module, **kw)
+    if isinstance(module, (MultiLinear, QuantizedMultiLinear)):
+        return (DoRAMultiLinear if s.dora else LoRAMultiLinear).from_base(module, **kw)
     if isinstance(module, (nn.Linear, nn.QuantizedLinear)):
         return (DoRALinear if s.dora else LoRALinear).from_base(module, **kw)
     return None
@@ -143,14 +253,8 @@ def fuse(model: nn.Module, dequantize: bool = False) -> nn.Module:
 def dequantize(model: nn.Module) -> nn.Module:
     """Every quantized layer (linear, embedding, expert stack, MLA per-head) back to float; args.quantization None."""
     dequantize_model(model)
-    multi = []
-    for name, m in model.named_modules():
-        if isinstance(m, QuantizedMultiLinear):
-            w = mx.dequantize(m.weight, m.scales, m.get("biases"), m.group_size, m.bits, m.mode)
-            heads, out_dims, in_dims = w.shape
-            new = MultiLinear(in_dims, out_dims, heads)
-            new.weight = w
-            multi.append((name, new))
+    multi = [(name, _stacked_like(m, _dense(m), dequantize=True))
+             for name, m in model.named_modules() if isinstance(m, QuantizedMultiLinear)]
     if multi:
         model.update_modules(tree_unflatten(multi))
     model.args.quantization = None
