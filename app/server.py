@@ -82,6 +82,14 @@ def _integer(body: dict, name: str, default, lo: int = 0):
     return v
 
 
+def _streaming(body: dict) -> tuple[bool, bool]:
+    """(stream, stream_options.include_usage) of a request body."""
+    options = body.get("stream_options")
+    if options is not None and not isinstance(options, dict):
+        raise APIError("'stream_options' must be an object", param="stream_options")
+    return _boolean(body, "stream"), _boolean(options or {}, "include_usage")
+
+
 def _boolean(body: dict, name: str, default: bool = False) -> bool:
     v = body.get(name)
     if v is None:
@@ -450,6 +458,28 @@ def create_app(model, tokenizer, config: Optional[ServerConfig] = None) -> FastA
             return None
         return result
 
+    async def respond(job: Job, request: Request, stream_it: bool, rid: str, objects: tuple, whole, choice,
+                      include_usage: bool, usage, opening: Optional[dict] = None):
+        """A job's answer: one object (`whole(result)`: the choice's fields; usage, and the expert trace when
+        asked) or, streamed, `event_stream`'s events; `objects` names the object of each. A client that left
+        first gets 499."""
+        head = {"id": rid, "object": objects[0], "created": int(time.time()), "model": cfg.model_id}
+        if not stream_it:
+            result = await collect(job, request)
+            if result is None:
+                return Response(status_code=499)  # nobody is listening any more
+            out = {**head, "choices": [{"index": 0, **whole(result), "logprobs": None,
+                                        "finish_reason": result.finish_reason}], "usage": usage(result)}
+            if job.trace:
+                out["expert_trace"] = trace_dict(result)
+            return out
+        try:
+            first, rest = await first_then_rest(job, request)
+        except ClientGone:
+            return Response(status_code=499)
+        return event_stream(job, first, rest, {**head, "object": objects[1]}, include_usage, choice, usage,
+                            opening=opening)
+
     def reasoning_tokens(result) -> int:
         if not result.reasoning:
             return 0
@@ -477,11 +507,7 @@ def create_app(model, tokenizer, config: Optional[ServerConfig] = None) -> FastA
     async def chat_completions(request: Request):
         body = await read_json(request)
         messages = _messages(body)
-        stream_it = _boolean(body, "stream")
-        options = body.get("stream_options")
-        if options is not None and not isinstance(options, dict):
-            raise APIError("'stream_options' must be an object", param="stream_options")
-        include_usage = _boolean(options or {}, "include_usage")
+        stream_it, include_usage = _streaming(body)
         if body.get("tools"):
             raise APIError("tool calling is not supported by this server", param="tools")
         try:
@@ -489,27 +515,10 @@ def create_app(model, tokenizer, config: Optional[ServerConfig] = None) -> FastA
         except Exception as e:  # a template that rejects these messages
             raise APIError(f"the chat template rejected the messages: {e}", param="messages") from None
         job = common(body, prompt, None)
-        rid, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 
-        if not stream_it:
-            result = await collect(job, request)
-            if result is None:
-                return Response(status_code=499)  # nobody is listening any more
-            out = {
-                "id": rid, "object": "chat.completion", "created": now, "model": cfg.model_id,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": result.answer,
-                                                     "reasoning_content": result.reasoning},
-                             "logprobs": None, "finish_reason": result.finish_reason}],
-                "usage": _usage(result.prompt_tokens, result.generation_tokens, reasoning_tokens(result)),
-            }
-            if job.trace:
-                out["expert_trace"] = trace_dict(result)
-            return out
-
-        try:
-            first, rest = await first_then_rest(job, request)
-        except ClientGone:
-            return Response(status_code=499)
+        def message(result) -> dict:
+            return {"message": {"role": "assistant", "content": result.answer,
+                                "reasoning_content": result.reasoning}}
 
         def choice(chunk) -> Optional[dict]:
             if chunk is None:
@@ -518,10 +527,10 @@ def create_app(model, tokenizer, config: Optional[ServerConfig] = None) -> FastA
             delta = {k: v for k, v in delta.items() if v}
             return {"delta": delta} if delta else None
 
-        head = {"id": rid, "object": "chat.completion.chunk", "created": now, "model": cfg.model_id}
-        return event_stream(job, first, rest, head, include_usage, choice,
-                            lambda r: _usage(r.prompt_tokens, r.generation_tokens, reasoning_tokens(r)),
-                            opening={"delta": {"role": "assistant", "content": ""}})
+        return await respond(job, request, stream_it, f"chatcmpl-{uuid.uuid4().hex}",
+                             ("chat.completion", "chat.completion.chunk"), message, choice, include_usage,
+                             lambda r: _usage(r.prompt_tokens, r.generation_tokens, reasoning_tokens(r)),
+                             opening={"delta": {"role": "assistant", "content": ""}})
 
     @app.post("/v1/completions")
     async def completions(request: Request):
@@ -535,41 +544,17 @@ def create_app(model, tokenizer, config: Optional[ServerConfig] = None) -> FastA
             raise APIError("'prompt' must be a string (one prompt per request)", param="prompt")
         if body.get("echo"):
             raise APIError("echo is not supported", param="echo")
-        stream_it = _boolean(body, "stream")
-        options = body.get("stream_options")
-        if options is not None and not isinstance(options, dict):
-            raise APIError("'stream_options' must be an object", param="stream_options")
-        include_usage = _boolean(options or {}, "include_usage")
+        stream_it, include_usage = _streaming(body)
         job = common(body, prompt, COMPLETIONS_DEFAULT_MAX_TOKENS)
-        rid, now = f"cmpl-{uuid.uuid4().hex}", int(time.time())
-
-        if not stream_it:
-            result = await collect(job, request)
-            if result is None:
-                return Response(status_code=499)
-            out = {
-                "id": rid, "object": "text_completion", "created": now, "model": cfg.model_id,
-                "choices": [{"index": 0, "text": result.text, "logprobs": None,
-                             "finish_reason": result.finish_reason}],
-                "usage": _usage(result.prompt_tokens, result.generation_tokens),
-            }
-            if job.trace:
-                out["expert_trace"] = trace_dict(result)
-            return out
-
-        try:
-            first, rest = await first_then_rest(job, request)
-        except ClientGone:
-            return Response(status_code=499)
 
         def choice(chunk) -> Optional[dict]:
             if chunk is None:
                 return {"text": ""}
             return {"text": chunk.text} if chunk.text else None
 
-        head = {"id": rid, "object": "text_completion", "created": now, "model": cfg.model_id}
-        return event_stream(job, first, rest, head, include_usage, choice,
-                            lambda r: _usage(r.prompt_tokens, r.generation_tokens))
+        return await respond(job, request, stream_it, f"cmpl-{uuid.uuid4().hex}", ("text_completion",) * 2,
+                             lambda r: {"text": r.text}, choice, include_usage,
+                             lambda r: _usage(r.prompt_tokens, r.generation_tokens))
 
     return app
 
