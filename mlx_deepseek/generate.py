@@ -339,7 +339,8 @@ def _plain_tokens(model, prompt, pc: PromptCache, sampler, processors, taker) ->
     mx.async_eval(y)
     position = len(prompt) - 1
     while True:
-        history = mx.concatenate([history, y])
+        if processors:  # the tokens so far, which only logits processors read
+            history = mx.concatenate([history, y])
         next_y = _sample(pc.next_logits(y[None]), history[None], sampler, processors)
         mx.async_eval(next_y)
         if taker:

@@ -41,6 +41,24 @@ def test_greedy_is_deterministic_and_seeded_sampling_repeats(v3):
     assert s1.tokens == s2.tokens and s1.tokens != a.tokens
 
 
+def test_repetition_penalty_reads_the_whole_history(v3):
+    """Greedy with mlx-lm's repetition penalty = the argmax of the penalised full forward pass, token after
+    token, with the prompt and every generated token as history (plain and MTP decoding)."""
+    from mlx_lm.sample_utils import make_logits_processors
+
+    model, tok = v3
+    penalty = make_logits_processors(repetition_penalty=3.0)[0]
+    seq = list(PROMPT)
+    for _ in range(12):
+        logits = model(mx.array(seq)[None])[:, -1, :]
+        seq.append(mx.argmax(penalty(mx.array(seq)[None], logits), axis=-1).item())
+    expected = seq[len(PROMPT):]
+    assert expected != generate(model, tok, PROMPT, max_tokens=12).tokens  # the penalty changes the output
+    for mtp in (False, True):
+        out = generate(model, tok, PROMPT, max_tokens=12, mtp=mtp, sampling=Sampling(repetition_penalty=3.0))
+        assert out.tokens == expected, mtp
+
+
 def test_mtp_speculation_equals_plain_greedy_when_drafts_fail(v3):
     model, tok = v3
     plain = generate(model, tok, PROMPT, max_tokens=16)
