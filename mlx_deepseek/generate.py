@@ -125,8 +125,8 @@ class CompiledSteps:
             h, states = hidden(tokens, states)
             return h, model.logits(h), states
 
-        def redraft(h, targets, accept, offsets, states):
-            return speculate(model, h, targets, accept, offsets, [StaticKVCache.wrap(s) for s in states])
+        def redraft(h, targets, accepted, offsets, states):
+            return speculate(model, h, targets, accepted, offsets, [StaticKVCache.wrap(s) for s in states])
 
         weights = [model]
         self.hidden = mx.compile(hidden, inputs=weights)
@@ -135,16 +135,26 @@ class CompiledSteps:
         self.redraft = mx.compile(redraft, inputs=weights)
 
 
-def speculate(model: Model, h: mx.array, targets: mx.array, accept: mx.array, offsets: list, mtp_caches: list):
-    """After verifying [t_n, draft]: keep 1 + accept positions in the main caches (their offsets) and run
-    the MTP module on both verified pairs (h_n, t_{n+1}), (h_{n+1}, t_{n+2}), keeping as many; the next draft
-    is its argmax at the last kept pair. Pure array arithmetic: no host sync, so the next step can be queued."""
-    drop = 1 - accept.astype(mx.int32)
-    cache = mtp_caches[0]
-    logits = model.mtp_logits(h, targets, 0, cache)
-    cache.state["offset"] = cache.state["offset"] - drop
-    draft = mx.argmax(mx.where(accept, logits[:, 1], logits[:, 0]), axis=-1)
-    return draft, [o - drop for o in offsets], [c.state for c in mtp_caches]
+def speculate(model: Model, h: mx.array, targets: mx.array, accepted: mx.array, offsets: list, mtp_caches: list):
+    """After verifying [t_n, d_1 .. d_D] (D: the model's MTP modules) with sampled targets T_1 .. T_{D+1}, of
+    which the first `accepted` equalled the drafts: keep 1 + accepted positions in the main caches (their
+    offsets) and in every MTP module's cache, and draft the next D tokens. Module k runs on the step's D + 1
+    positions n + j: its hidden input is module k-1's output (the main model's for k = 0) and its token the one
+    k + 1 places ahead, a verified target where there is one, else a draft of this step; its draft is its
+    argmax at the last kept position. Pure array arithmetic: no host sync, so the next step can be queued."""
+    depth = len(mtp_caches)
+    drop = depth - accepted
+    # the tokens after position n: T_1 .. T_{accepted+1}, then this step's drafts as they are made
+    ahead = mx.concatenate([targets, mx.zeros((1, depth), targets.dtype)], axis=1)
+    slots = mx.arange(2 * depth + 1)
+    drafts = []
+    for k, cache in enumerate(mtp_caches):
+        h, logits = model.mtp_step(h, ahead[:, k : k + depth + 1], k, cache)
+        cache.state["offset"] = cache.state["offset"] - drop
+        draft = mx.argmax(mx.take(logits, accepted, axis=1), axis=-1)  # [1]
+        ahead = mx.where(slots == accepted + 1 + k, draft, ahead)
+        drafts.append(draft)
+    return mx.concatenate(drafts), [o - drop for o in offsets], [c.state for c in mtp_caches]
 
 
 def compiled_steps(model: Model) -> CompiledSteps:
@@ -198,9 +208,15 @@ class PromptCache:
         self._store(self.cache, states)
         return logits
 
-    def draft(self, hidden: mx.array, next_tokens: mx.array) -> mx.array:
-        """The MTP module's logits on the prompt's (h_j, t_{j+1}) pairs, filling its own cache."""
-        return self.model.mtp_logits(hidden, next_tokens, 0, self.mtp_cache[0])
+    def draft(self, hidden: mx.array, ahead: mx.array) -> mx.array:
+        """The first D drafts after a prompt, filling the MTP caches: module k runs on the prompt's positions j
+        with the token t_{j+k+1} (`ahead`: t_{j+1} for every prompt position, then each module's draft)."""
+        n, drafts = hidden.shape[1], []
+        for k, cache in enumerate(self.mtp_cache):
+            hidden, logits = self.model.mtp_step(hidden, ahead[:, k : k + n], k, cache)
+            drafts.append(mx.argmax(logits[:, -1, :], axis=-1))
+            ahead = mx.concatenate([ahead, drafts[-1][None]], axis=1)
+        return mx.concatenate(drafts)
 
     @property
     def pipelined(self) -> bool:
@@ -217,22 +233,22 @@ class PromptCache:
         self._store(self.cache, states)
         return h, logits
 
-    def redraft(self, h: mx.array, targets: mx.array, accept: mx.array) -> mx.array:
-        """`speculate` on this cache: keeps 1 + accept verified positions and returns the next draft."""
+    def redraft(self, h: mx.array, targets: mx.array, accepted: mx.array) -> mx.array:
+        """`speculate` on this cache: keeps 1 + accepted verified positions and returns the next drafts."""
         if not self.pipelined:
             for c in self.cache:
-                c.trim(1 - int(accept.item()))
+                c.trim(len(self.mtp_cache) - int(accepted.item()))
         offsets = [c.offset for c in self.cache] if self.pipelined else []
         if self.compiled:
-            draft, offsets, states = compiled_steps(self.model).redraft(
-                h, targets, accept, offsets, [c.state for c in self.mtp_cache]
+            drafts, offsets, states = compiled_steps(self.model).redraft(
+                h, targets, accepted, offsets, [c.state for c in self.mtp_cache]
             )
             self._store(self.mtp_cache, states)
         else:
-            draft, offsets, _ = speculate(self.model, h, targets, accept, offsets, self.mtp_cache)
+            drafts, offsets, _ = speculate(self.model, h, targets, accepted, offsets, self.mtp_cache)
         for c, o in zip(self.cache if self.pipelined else [], offsets):
             c.state["offset"] = o
-        return draft
+        return drafts
 
     @staticmethod
     def _store(caches: list, states: list) -> None:
@@ -257,7 +273,7 @@ class PromptCache:
 
     def ensure(self, new_tokens: int) -> None:
         """Room for `new_tokens` more positions (grown in steps of 64; outside the compiled step)."""
-        need = -(-(len(self.tokens) + new_tokens + 4) // 64) * 64  # + a queued MTP step
+        need = -(-(len(self.tokens) + new_tokens + 2 * len(self.mtp_cache) + 2) // 64) * 64  # + a queued MTP step
         for c in self.cache + self.mtp_cache:
             if isinstance(c, StaticKVCache):
                 c.ensure(need)
@@ -351,50 +367,55 @@ def _plain_tokens(model, prompt, pc: PromptCache, sampler, processors, taker) ->
 
 
 def _mtp_tokens(model, prompt, pc: PromptCache, sampler, processors, taker, stats) -> Iterator[list[int]]:
-    """MTP self-speculative decoding (batch 1): the MTP module drafts t_{n+1} from (h_{n-1}, t_n); the main
-    model verifies [t_n, draft] in one pass. The targets are always sampled from the main model's
-    distribution and the draft kept only if it equals the first, so outputs are exactly those of plain
-    decoding (greedy: token-identical; sampled: the same distribution). The draft is the MTP module's argmax.
+    """MTP self-speculative decoding (batch 1): the D MTP modules draft t_{n+1} .. t_{n+D} (module k the one
+    k + 1 places after the token it is given); the main model verifies [t_n, drafts] in one pass. The targets are
+    always sampled from the main model's distribution and a draft kept only while it equals its target, so
+    outputs are exactly those of plain decoding (greedy: token-identical; sampled: the same distribution).
+    Drafts are the modules' argmaxes.
 
     A step is array arithmetic end to end (acceptance adjusts the cache offsets in the graph), so, as in
     plain decoding, step i + 1 is queued before step i's tokens are read, except when a logits processor
     needs the tokens or the cache cannot take array offsets.
     """
+    depth = len(model.mtp)
     hidden = pc.prefill(mx.array(prompt)[None])  # [1, L, D], final-normed
     y = _sample(model.logits(hidden[:, -1, :]), mx.array(prompt)[None], sampler, processors)
     if taker:
         taker.take([len(prompt) - 1])
-    pairs = mx.concatenate([mx.array(prompt[1:], mx.int32), y])[None]  # t_{j+1} for each prompt position j
-    draft = mx.argmax(pc.draft(hidden, pairs)[:, -1, :], axis=-1)
+    drafts = pc.draft(hidden, mx.concatenate([mx.array(prompt[1:], mx.int32), y])[None])
     history = list(prompt)
     ahead = pc.pipelined and not processors
 
-    def step(y: mx.array, draft: mx.array):
-        h, logits = pc.verify(mx.concatenate([y, draft])[None])  # positions n, n+1
+    def step(y: mx.array, drafts: mx.array):
+        h, logits = pc.verify(mx.concatenate([y, drafts])[None])  # positions n .. n + D
         past = mx.array(history)[None] if processors else mx.zeros((1, 0), mx.int32)  # read by processors only
-        t1 = _sample(logits[:, 0, :], past, sampler, processors)
-        t2 = _sample(logits[:, 1, :], mx.concatenate([past, t1[None]], axis=1), sampler, processors)
-        accept = (t1 == draft)[0]  # batch 1: a scalar
-        new_draft = pc.redraft(h, mx.concatenate([t1, t2])[None], accept)
-        return t1, t2, accept, mx.where(accept, t2, t1), new_draft
+        targets = []
+        for j in range(depth + 1):
+            targets.append(_sample(logits[:, j, :], past, sampler, processors))
+            if processors:
+                past = mx.concatenate([past, targets[-1][None]], axis=1)
+        targets = mx.concatenate(targets)
+        accepted = mx.cumprod((drafts == targets[:depth]).astype(mx.int32)).sum()
+        new_drafts = pc.redraft(h, targets[None], accepted)
+        return targets, accepted, mx.take(targets, accepted[None]), new_drafts
 
     history.append(y.item())
     yield [history[-1]]
-    current = step(y, draft)
+    current = step(y, drafts)
     mx.async_eval(current)
     while True:
-        upcoming = step(*current[3:]) if ahead else None
+        upcoming = step(*current[2:]) if ahead else None
         if ahead:
             mx.async_eval(upcoming)
-        t1, t2, accept = (a.item() for a in current[:3])
-        new = [t1, t2] if accept else [t1]
-        stats["drafted"] += 1
-        stats["accepted"] += accept
+        accepted = current[1].item()
+        new = current[0].tolist()[: accepted + 1]
+        stats["drafted"] += depth
+        stats["accepted"] += accepted
         if taker:
-            taker.take([0, 1] if accept else [0])
+            taker.take(list(range(accepted + 1)))
         history.extend(new)
         yield new
-        current = upcoming if ahead else step(*current[3:])
+        current = upcoming if ahead else step(*current[2:])
         if not ahead:
             mx.async_eval(current)
 

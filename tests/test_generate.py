@@ -5,11 +5,11 @@ import json
 import mlx.core as mx
 import numpy as np
 import pytest
-from conftest import relative_error, write_tokenizer
+from conftest import FIXTURES, relative_error, write_tokenizer
 
 import mlx_deepseek
 from mlx_deepseek.config import ModelArgs
-from mlx_deepseek.generate import PromptCache, Sampling, batch_generate, generate, make_cache
+from mlx_deepseek.generate import PromptCache, Sampling, batch_generate, generate, generate_tokens, make_cache
 from mlx_deepseek.models import Model
 
 PROMPT = [1, 5, 6, 7, 8]
@@ -72,19 +72,19 @@ def test_mtp_speculation_equals_plain_greedy_when_drafts_succeed(v3, monkeypatch
     model, tok = v3
     plain = generate(model, tok, PROMPT, max_tokens=20)
     sequence = PROMPT + plain.tokens
-    real = type(model).mtp_logits
+    real = type(model).mtp_step
 
-    def oracle(self, hidden, next_tokens, k=0, cache=None):
-        logits = real(self, hidden, next_tokens, k, cache)
+    def oracle(self, hidden, ahead, k=0, cache=None):
+        h, logits = real(self, hidden, ahead, k, cache)
         start = int(cache.offset) - logits.shape[1]  # the calls's first pair (h_p, t_{p+1}) drafts t_{p+2}
         for i in range(logits.shape[1]):
             p = start + i
             if p + 2 < len(sequence) and p % 3 == 0:
                 row = mx.full(logits.shape[-1:], -1e9).at[sequence[p + 2]].add(1e9 + 1)
                 logits[:, i] = row
-        return logits
+        return h, logits
 
-    monkeypatch.setattr(type(model), "mtp_logits", oracle)
+    monkeypatch.setattr(type(model), "mtp_step", oracle)
     spec = generate(model, tok, PROMPT, max_tokens=20, mtp=True, trace=True)
     assert spec.tokens == plain.tokens
     assert 0.3 < spec.mtp_acceptance < 1.0
@@ -92,6 +92,42 @@ def test_mtp_speculation_equals_plain_greedy_when_drafts_succeed(v3, monkeypatch
     reference = generate(model, tok, PROMPT, max_tokens=20, trace=True).expert_trace
     for a, b in zip(spec.expert_trace.experts, reference.experts):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.fixture(scope="module")
+def two_mtp_modules(v3):
+    """The V3 fixture's shape with D = 2 MTP modules (random weights)."""
+    model, tok = v3
+    mx.random.seed(5)
+    return Model(ModelArgs.from_dict({**json.loads((FIXTURES / "deepseek_v3" / "config.json").read_text()),
+                                      "num_nextn_predict_layers": 2})), tok
+
+
+def test_two_mtp_modules_draft_two_tokens_and_equal_plain_greedy(two_mtp_modules, monkeypatch):
+    model, tok = two_mtp_modules
+    plain = generate(model, tok, PROMPT, max_tokens=24)
+    spec = generate(model, tok, PROMPT, max_tokens=24, mtp=True)  # the compiled, pipelined step
+    assert spec.tokens == plain.tokens and spec.mtp_drafted % 2 == 0 and spec.mtp_drafted >= 24
+    # an oracle: module k drafts the true token at some positions, so steps keep 0, 1 or 2 drafts
+    sequence = PROMPT + plain.tokens
+    real = type(model).mtp_step
+
+    def oracle(self, hidden, ahead, k=0, cache=None):
+        h, logits = real(self, hidden, ahead, k, cache)
+        start = int(cache.offset) - logits.shape[1]  # pair (h^{k-1}_p, t_{p+k+1}) drafts t_{p+k+2}
+        for i in range(logits.shape[1]):
+            p = start + i
+            if p + k + 2 < len(sequence) and p % (4 - k) != 3 - 2 * k:
+                logits[:, i] = mx.full(logits.shape[-1:], -1e9).at[sequence[p + k + 2]].add(1e9 + 1)
+        return h, logits
+
+    monkeypatch.setattr(type(model), "mtp_step", oracle)
+    pc = PromptCache(model)
+    pc.traced = True  # uncompiled: the oracle reads the cache offset
+    stats = {}
+    steps = list(generate_tokens(model, PROMPT, max_tokens=24, mtp=True, stats=stats, prompt_cache=pc))
+    assert sum(steps, []) == plain.tokens
+    assert {len(s) for s in steps[1:-1]} == {1, 2, 3} and 0.3 < stats["accepted"] / stats["drafted"] < 1
 
 
 def test_batched_equals_one_by_one(v3):

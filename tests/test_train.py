@@ -49,6 +49,29 @@ def test_nano_config_is_a_v3_model():
     assert not args.is_moe_layer(0) and all(args.is_moe_layer(i) for i in range(1, args.num_hidden_layers))
 
 
+def test_the_mtp_loss_is_the_mean_over_d_sequential_modules(tok, tmp_path):
+    """V3's L_MTP with D = 2: module k sees module k-1's hidden states (the main model's for k = 0) and
+    t_{i+k+1} and predicts t_{i+k+2}; the MTP loss is the mean of the modules' cross-entropies."""
+    model = tiny_model(num_nextn_predict_layers=2)
+    trainer = Trainer(model, tok, TrainConfig(steps=1, **FAST), tmp_path, progress=False)
+    ids, mask = map(mx.array, next(PackedBatches(tok, 2, 32, "heldout", seed=1)))
+    total, ce, mtp_ce, aux, _ = trainer.loss(model, ids, mask)
+    inputs, targets, tmask = ids[:, :-1], ids[:, 1:], mask[:, 1:].astype(mx.float32)
+    h, ces = model.model(inputs), []
+    for k in range(2):
+        h, logits = model.mtp_step(h[:, : inputs.shape[1] - k - 1], inputs[:, k + 1 :], k)
+        losses = nn.losses.cross_entropy(logits, targets[:, k + 1 :])
+        ces.append(((losses * tmask[:, k + 1 :]).sum() / tmask[:, k + 1 :].sum()).item())
+    assert mtp_ce.item() == pytest.approx(sum(ces) / 2, rel=1e-5) and ces[0] != pytest.approx(ces[1])
+    assert total.item() == pytest.approx(ce.item() + trainer.cfg.mtp_weight * mtp_ce.item() + aux.item(), rel=1e-5)
+    # a step trains both modules
+    before = params(model)
+    trainer.train_step(*next(trainer.data))
+    after = params(model)
+    for k in range(2):
+        assert any(not np.array_equal(before[n], after[n]) for n in before if n.startswith(f"mtp.{k}.eh_proj"))
+
+
 def test_a_few_steps_lower_the_loss(tok, tmp_path):
     trainer = Trainer(tiny_model(), tok, TrainConfig(steps=25, lr=1e-2, **FAST), tmp_path, progress=False)
     fixed = next(PackedBatches(tok, 4, 48, "heldout", seed=1))

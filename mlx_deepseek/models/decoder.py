@@ -88,12 +88,17 @@ class Model(nn.Module):
             return self.model.embed_tokens.as_linear(hidden)
         return self.lm_head(hidden)
 
-    def mtp_logits(self, hidden: mx.array, next_tokens: mx.array, k: int = 0, cache=None) -> mx.array:
-        """MTP module k on the main model's (final-normed) hidden states h_i and the tokens t_{i+1}:
-        logits for t_{i+2} (k = 0). hidden [B, L, D] and next_tokens [B, L] are aligned position by position."""
-        module = self.mtp[k]
+    def mtp_step(self, hidden: mx.array, ahead: mx.array, k: int = 0, cache=None) -> tuple[mx.array, mx.array]:
+        """MTP module k (0-based) on the hidden states h^{k-1}_i of the module before it (the main model's final-
+        normed ones for k = 0) and the tokens t_{i+k+1}: its own hidden states h^k_i and their logits, for
+        t_{i+k+2}. hidden [B, L, D] and ahead [B, L] are aligned position by position."""
         mask = attention_mask(hidden, cache, self.args.uses_mla)
-        return self.logits(module(hidden, self.model.embed_tokens(next_tokens), mask, cache))
+        h = self.mtp[k](hidden, self.model.embed_tokens(ahead), mask, cache)
+        return h, self.logits(h)
+
+    def mtp_logits(self, hidden: mx.array, next_tokens: mx.array, k: int = 0, cache=None) -> mx.array:
+        """The logits of `mtp_step`."""
+        return self.mtp_step(hidden, next_tokens, k, cache)[1]
 
     def set_routing_trace(self, trace) -> None:
         """Attach a RoutingTrace to every MoE layer (main model and MTP), or detach with None."""

@@ -173,17 +173,20 @@ class Trainer:
         cfg = self.cfg
         if self.trace is not None:
             self.trace.clear()
-        counts = [None, None] if counts is None else counts
+        depth = len(model.mtp)
+        counts = [None] * (depth + 1) if counts is None else counts
         inputs, targets, tmask = ids[:, :-1], ids[:, 1:], mask[:, 1:]
         hidden = model.model(inputs)
         ce = masked_cross_entropy(model.logits(hidden), targets, tmask, counts[0])
         total = ce
         mtp_ce = mx.array(0.0)
-        if model.args.num_nextn_predict_layers and cfg.mtp_weight:
-            # h_i with Emb(t_{i+1}) -> t_{i+2}
-            mtp_ce = masked_cross_entropy(
-                model.mtp_logits(hidden[:, :-1], inputs[:, 1:]), targets[:, 1:], tmask[:, 1:], counts[1]
-            )
+        if depth and cfg.mtp_weight:
+            # module k: h^{k-1}_i with Emb(t_{i+k+1}) -> t_{i+k+2}; V3's L_MTP is the mean over the D modules
+            h = hidden
+            for k in range(depth):
+                h, logits = model.mtp_step(h[:, :-1], inputs[:, k + 1 :], k)
+                mtp_ce = mtp_ce + masked_cross_entropy(logits, targets[:, k + 1 :], tmask[:, k + 1 :], counts[k + 1])
+            mtp_ce = mtp_ce / depth
             total = total + cfg.mtp_weight * mtp_ce
         aux = mx.array(0.0)
         counts = mx.zeros((0, max(self.n_experts, 1)))
@@ -230,11 +233,11 @@ class Trainer:
         }
 
     def token_counts(self, mask: np.ndarray) -> mx.array:
-        """The numbers of tokens the main and the MTP loss average over: this batch's, or with data
+        """The numbers of tokens the main loss and each MTP module's loss average over: this batch's, or with data
         parallelism each rank's share (1 / ranks) of the global ones, so that the mean of the ranks' losses
         (and, with gradients averaged, of their gradients) is the single-process value on the whole batch."""
         tmask = np.asarray(mask)[:, 1:]
-        counts = mx.array([float(tmask.sum()), float(tmask[:, 1:].sum())])
+        counts = mx.array([float(tmask[:, k:].sum()) for k in range(len(self.model.mtp) + 1)])
         if self.group is None:
             return mx.maximum(counts, 1.0)
         return mx.maximum(parallel.global_sum(counts, self.group), 1.0) / self.group.size()
