@@ -244,7 +244,8 @@ def cmd_train(a: argparse.Namespace) -> int:
     else:
         from .train.sft import sft, sft_config
 
-        out = sft(a.model, a.out, sft_config(**settings), resume=a.resume, progress=not a.no_progress)
+        out = sft(a.model, a.out, sft_config(**settings), resume=a.resume, progress=not a.no_progress,
+                  grow_mtp=a.grow_mtp)
     print(f"model written to {out} (metrics in {out.parent / 'metrics.jsonl'})")
     return 0
 
@@ -298,6 +299,8 @@ def _add_train_parser(sub) -> None:
     _parallel_args(pre, "train data-parallel")
     sft = kinds.add_parser("sft", help="cold-start SFT on chat-formatted traces (loss on assistant tokens only)")
     sft.add_argument("--model", default=None, help="model folder to fine-tune (default: the bundled nano-r1)")
+    sft.add_argument("--grow-mtp", type=int, default=None, metavar="D",
+                     help="give the model D MTP modules, the new ones copies of its last, and train only those")
     common(sft)
     _add_grpo_parsers(kinds)
 

@@ -246,6 +246,15 @@ def test_pretrain_then_resume_then_sft(tok_dir, tmp_path):
     assert [r["step"] for r in read_metrics(out)] == [2, 3, 4, 5]
     sft_out = sft(model_dir, tmp_path / "sft", sft_config(steps=2, **FAST), progress=False)
     assert load(sft_out)[0].args.vocab_size == 512
+    # a second MTP module trained onto the finished model: it starts as the first; nothing else moves
+    deep_out = sft(sft_out, tmp_path / "deep", sft_config(steps=2, **FAST), progress=False, grow_mtp=2)
+    before, after = params(load(sft_out)[0]), params(load(deep_out)[0])
+    assert load(deep_out)[0].args.num_nextn_predict_layers == 2
+    assert all(np.array_equal(before[n], after[n]) for n in before)  # main model, module 0, router biases
+    grown = [n for n in after if n.startswith("mtp.1.")]
+    assert any(not np.array_equal(after[n], before["mtp.0." + n[6:]]) for n in grown)
+    with pytest.raises(ValueError, match="must exceed"):
+        sft(deep_out, tmp_path / "again", sft_config(steps=1, **FAST), progress=False, grow_mtp=2)
 
 
 def test_train_commands(tok_dir, tmp_path):

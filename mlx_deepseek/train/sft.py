@@ -3,6 +3,10 @@ assistant's tokens only (`<think>` trace, answer, EOS); the prompt tokens are co
 
 Same loop as pretraining (`loop.Trainer` with `mask_prompt=True`): MTP loss, bias balancing, checkpoints,
 resume. The model folder's tokenizer is used and copied into every saved folder.
+
+`grow_mtp=D` trains new MTP modules onto a finished model instead: the model gets D sequential modules (V3
+§2.2), each new one starting as a copy of the last, and only the new ones train (the main model, the old
+modules and every router bias stay as they are), so speculative decoding can draft D tokens a step.
 """
 
 from __future__ import annotations
@@ -11,7 +15,11 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Optional, Union
 
+import mlx.core as mx
+from mlx.utils import tree_flatten
+
 from ..loading import load_model, resolve
+from ..models import Model
 from ..tokenizer import load_tokenizer
 from .loop import STATE_FILE, TrainConfig, Trainer
 
@@ -29,6 +37,7 @@ def sft(
     cfg: Optional[TrainConfig] = None,
     resume: bool = False,
     progress: bool = True,
+    grow_mtp: Optional[int] = None,
 ) -> Path:
     """Fine-tune the model at `model_path` (None: the bundled model) into `out`; returns out/model."""
     cfg = replace(cfg or sft_config(), mask_prompt=True)
@@ -40,5 +49,27 @@ def sft(
     if model.args.quantization is not None:
         raise ValueError(f"{folder}: a quantized model; fine-tune the float checkpoint (or dequantize it first)")
     tok = load_tokenizer(folder)
+    if grow_mtp is not None:
+        model = with_mtp_modules(model, grow_mtp, folder)
+        cfg = replace(cfg, bias_gamma=0.0)  # the bias update would move the frozen main model's routers
     trainer = Trainer(model, tok, cfg, out, progress=progress, tokenizer_dir=folder)
     return trainer.run(resume=resume)
+
+
+def with_mtp_modules(model: Model, depth: int, folder: Path) -> Model:
+    """`model` with `depth` MTP modules, the new ones copies of its last, and only those trainable."""
+    have = len(model.mtp)
+    if not 0 < have < depth:
+        raise ValueError(f"{folder}: grow_mtp={depth} must exceed the model's {have} MTP module(s), and it needs one "
+                         "to copy (train the first with the MTP loss in pretraining or SFT)")
+    deeper = Model(replace(model.args, num_nextn_predict_layers=depth))
+    weights = dict(tree_flatten(model.parameters()))
+    last = f"mtp.{have - 1}."
+    for k in range(have, depth):
+        weights.update({f"mtp.{k}." + n[len(last):]: w for n, w in weights.items() if n.startswith(last)})
+    deeper.load_weights(list(weights.items()))
+    mx.eval(deeper.parameters())
+    deeper.freeze()
+    for module in deeper.mtp[have:]:
+        module.unfreeze()
+    return deeper
