@@ -384,7 +384,7 @@ def _mtp_tokens(model, prompt, pc: PromptCache, sampler, processors, taker, stat
         taker.take([len(prompt) - 1])
     drafts = pc.draft(hidden, mx.concatenate([mx.array(prompt[1:], mx.int32), y])[None])
     history = list(prompt)
-    ahead = pc.pipelined and not processors
+    queued = pc.pipelined and not processors  # step i + 1 queued before step i is read
 
     def step(y: mx.array, drafts: mx.array):
         h, logits = pc.verify(mx.concatenate([y, drafts])[None])  # positions n .. n + D
@@ -404,8 +404,8 @@ def _mtp_tokens(model, prompt, pc: PromptCache, sampler, processors, taker, stat
     current = step(y, drafts)
     mx.async_eval(current)
     while True:
-        upcoming = step(*current[2:]) if ahead else None
-        if ahead:
+        upcoming = step(*current[2:]) if queued else None
+        if queued:
             mx.async_eval(upcoming)
         accepted = current[1].item()
         new = current[0].tolist()[: accepted + 1]
@@ -415,8 +415,8 @@ def _mtp_tokens(model, prompt, pc: PromptCache, sampler, processors, taker, stat
             taker.take(list(range(accepted + 1)))
         history.extend(new)
         yield new
-        current = upcoming if ahead else step(*current[2:])
-        if not ahead:
+        current = upcoming if queued else step(*current[2:])
+        if not queued:
             mx.async_eval(current)
 
 

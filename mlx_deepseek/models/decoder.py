@@ -96,10 +96,6 @@ class Model(nn.Module):
         h = self.mtp[k](hidden, self.model.embed_tokens(ahead), mask, cache)
         return h, self.logits(h)
 
-    def mtp_logits(self, hidden: mx.array, next_tokens: mx.array, k: int = 0, cache=None) -> mx.array:
-        """The logits of `mtp_step`."""
-        return self.mtp_step(hidden, next_tokens, k, cache)[1]
-
     def set_routing_trace(self, trace) -> None:
         """Attach a RoutingTrace to every MoE layer (main model and MTP), or detach with None."""
         for _, m in self.named_modules():

@@ -47,6 +47,17 @@ def _dense(linear: nn.Module) -> mx.array:
     return linear.weight
 
 
+def _stacked_dims(linear: nn.Module) -> tuple[int, int, int]:
+    """(in, out, N) of a stacked layer (experts or heads), read from its (packed) weight's shape."""
+    n, out_dims, cols = linear.weight.shape
+    return (cols * 32 // linear.bits if "scales" in linear else cols), out_dims, n
+
+
+def _adapted_weight(adapter: nn.Module) -> mx.array:
+    """A stacked adapter's base weight plus its low-rank update, scale * B A, per expert or head [N, out, in]."""
+    return _dense(adapter.linear) + (adapter.scale * adapter.lora_b) @ adapter.lora_a
+
+
 def _stacked_like(linear: nn.Module, weight: mx.array, dequantize: bool) -> nn.Module:
     """A float layer of `linear`'s kind holding `weight` [N, out, in], re-quantized like it unless `dequantize`."""
     n, out_dims, in_dims = weight.shape
@@ -63,10 +74,9 @@ class LoRAMultiLinear(nn.Module):
     scale * B_h A_h, with A [heads, r, in] and B [heads, out, r] laid out as mlx-lm's LoRASwitchLinear. The
     absorbed attention also calls it untransposed (x @ W), which then uses the transposed update."""
 
-    @staticmethod
-    def from_base(linear: nn.Module, r: int = 8, dropout: float = 0.0, scale: float = 20.0):
-        heads, out_dims, in_dims = _dense(linear).shape
-        adapter = LoRAMultiLinear(in_dims, out_dims, heads, r, dropout, scale)
+    @classmethod
+    def from_base(cls, linear: nn.Module, r: int = 8, dropout: float = 0.0, scale: float = 20.0):
+        adapter = cls(*_stacked_dims(linear), r, dropout, scale)
         adapter.linear = linear
         return adapter
 
@@ -89,7 +99,7 @@ class LoRAMultiLinear(nn.Module):
         return y + (self.scale * z).astype(x.dtype)
 
     def fuse(self, dequantize: bool = False) -> nn.Module:
-        return _stacked_like(self.linear, _dense(self.linear) + (self.scale * self.lora_b) @ self.lora_a, dequantize)
+        return _stacked_like(self.linear, _adapted_weight(self), dequantize)
 
 
 class _StackedDoRA:
@@ -97,12 +107,16 @@ class _StackedDoRA:
     normalised and scaled by a learned magnitude m [N, out], initialised to the base rows' norms; the norm is a
     constant for the gradient, as in mlx-lm's DoRALinear."""
 
-    def _init_magnitude(self) -> None:
-        self.m = mx.linalg.norm(_dense(self.linear).astype(mx.float32), axis=-1)
+    @classmethod
+    def from_base(cls, linear: nn.Module, r: int = 8, dropout: float = 0.0, scale: float = 20.0):
+        adapter = cls(*_stacked_dims(linear), r, dropout, scale)
+        adapter.linear = linear
+        adapter.m = mx.linalg.norm(_dense(linear).astype(mx.float32), axis=-1)
+        return adapter
 
     def _adapted(self) -> tuple[mx.array, mx.array]:
         """(adapted weight [N, out, in], row factor m / ||row|| [N, out])."""
-        w = _dense(self.linear) + (self.scale * self.lora_b) @ self.lora_a
+        w = _adapted_weight(self)
         return w, self.m / mx.stop_gradient(mx.linalg.norm(w, axis=-1))
 
     def fuse(self, dequantize: bool = False) -> nn.Module:
@@ -113,13 +127,6 @@ class _StackedDoRA:
 class DoRASwitchLinear(_StackedDoRA, LoRASwitchLinear):
     """DoRA on a routed-expert stack (mlx-lm has DoRA for single linears only)."""
 
-    @staticmethod
-    def from_base(linear: nn.Module, r: int = 8, dropout: float = 0.0, scale: float = 20.0):
-        adapter = DoRASwitchLinear(linear.input_dims, linear.output_dims, linear.num_experts, r, dropout, scale)
-        adapter.linear = linear
-        adapter._init_magnitude()
-        return adapter
-
     def __call__(self, x, indices, sorted_indices=False):
         y = super().__call__(x, indices, sorted_indices)  # [..., k, 1, out] for indices [..., k]
         return y * self._adapted()[1][indices][..., None, :].astype(x.dtype)
@@ -127,14 +134,6 @@ class DoRASwitchLinear(_StackedDoRA, LoRASwitchLinear):
 
 class DoRAMultiLinear(_StackedDoRA, LoRAMultiLinear):
     """DoRA on MLA's per-head W_UK / W_UV."""
-
-    @staticmethod
-    def from_base(linear: nn.Module, r: int = 8, dropout: float = 0.0, scale: float = 20.0):
-        heads, out_dims, in_dims = _dense(linear).shape
-        adapter = DoRAMultiLinear(in_dims, out_dims, heads, r, dropout, scale)
-        adapter.linear = linear
-        adapter._init_magnitude()
-        return adapter
 
     def __call__(self, x, transpose=True):
         factor = self._adapted()[1][:, None, :].astype(x.dtype)  # [heads, 1, out]: scales the weight's rows
