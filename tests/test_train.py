@@ -197,6 +197,18 @@ def test_sft_masks_the_prompt(tok):
     assert masked_cross_entropy(logits, targets, m).item() == masked_cross_entropy(logits, other, m).item()
 
 
+def test_pretraining_mix_of_documents(tok):
+    """--documents P: about that share of the packed examples are plain documents, the rest conversations."""
+    mixed = PackedBatches(tok, 1, 40, documents=0.5)
+    kinds = [type(mixed.example(i)).__name__ for i in range(400)]
+    assert set(kinds) == {"Document", "Example"} and 0.4 < kinds.count("Document") / 400 < 0.6
+    assert all(type(PackedBatches(tok, 1, 40).example(i)).__name__ == "Example" for i in range(50))
+    ids, mask = next(PackedBatches(tok, 2, 64, documents=1.0))
+    assert mask.all() and "<think>" not in tok.decode(ids[0].tolist())
+    with pytest.raises(ValueError, match="documents=1.5"):
+        TrainConfig(documents=1.5).check()
+
+
 def test_packing_is_resumable(tok):
     a = PackedBatches(tok, 2, 40)
     next(a)

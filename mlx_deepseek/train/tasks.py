@@ -12,9 +12,15 @@ A problem's difficulty `level` is its number of digits (for counting, the word o
 Prompts are English or Chinese, and the trace and answer are in the prompt's language. Everything is a
 deterministic function of the seed.
 
-Splits: a problem's membership of `heldout` is a hash of its canonical, language-free key, so the same
-problem can never be in both `train` and `heldout` (whatever the seed or language). `hard` has more
-digits than any training problem.
+Splits: a hash of a problem's canonical, language-free key puts it on the train side or the held-out side
+(HELDOUT_PERCENT), whatever the seed or language, so no evaluated problem is ever trained on. `train` and
+`heldout` draw at the training levels (TRAIN_LEVELS), `hard` draws held-out-side problems at the HARD_EXTRA
+levels beyond them.
+
+Two renderings: a chat conversation (`Example.text`: prompt, `<think>` trace, boxed answer; SFT and half of
+pretraining) and a plain worked-solution document (`Example.document`: the same words without the chat
+template). Pretraining documents reach the hard levels too (train side only); SFT stays at the training
+levels, so the hard split has more digits than SFT ever showed and no problem the model ever saw.
 """
 
 from __future__ import annotations
@@ -95,6 +101,26 @@ class Example:
         """The whole R1-format conversation."""
         return self.prompt_text + self.completion
 
+    @property
+    def document(self) -> "Document":
+        return Document(self)
+
+
+@dataclass
+class Document:
+    """An example as a plain worked solution (pretraining text): the question, the steps, the answer."""
+
+    example: Example
+
+    @property
+    def prompt_text(self) -> str:
+        return BOS
+
+    @property
+    def completion(self) -> str:
+        e = self.example
+        return f"{e.prompt}\n{e.trace}\n{e.answer}{EOS}"
+
 
 # ---- splits ------------------------------------------------------------------------------------
 def problem_hash(problem: Problem) -> int:
@@ -106,22 +132,24 @@ def is_heldout(problem: Problem) -> bool:
 
 
 def split_of(problem: Problem) -> str:
-    lo, hi = TRAIN_LEVELS[_family(problem.kind)]
-    if problem.level > hi:
-        return "hard"
-    return "heldout" if is_heldout(problem) else "train"
+    """`train` on the train side (at any level: documents go beyond the training levels), else `heldout` or,
+    beyond the training levels, `hard`."""
+    if not is_heldout(problem):
+        return "train"
+    return "hard" if problem.level > TRAIN_LEVELS[_family(problem.kind)][1] else "heldout"
 
 
 def _family(kind: str) -> str:
     return "count" if kind.startswith("count") else kind
 
 
-def levels_for(kind: str, split: str) -> tuple[int, int]:
+def levels_for(kind: str, split: str, documents: bool = False) -> tuple[int, int]:
+    """The levels a split draws from; pretraining documents (train side) reach the hard levels."""
     lo, hi = TRAIN_LEVELS[kind]
     if split == "hard":
         return hi + 1, hi + HARD_EXTRA
     if split in ("train", "heldout"):
-        return lo, hi
+        return lo, hi + (HARD_EXTRA if documents else 0)
     raise ValueError(f"split={split!r}: expected one of {SPLITS}")
 
 
@@ -298,26 +326,30 @@ def example_at(
     kinds: tuple[str, ...] = KINDS,
     langs: tuple[str, ...] = LANGS,
     levels: Optional[tuple[int, int]] = None,
-) -> Example:
+    documents: bool = False,
+):
     """Example number `index` of the stream (split, seed): random access, so a data position is one integer.
 
     Drawn uniformly over kind, then level, then language and operands; a problem of the wrong split is
-    redrawn (the heldout share is HELDOUT_PERCENT of the problem space)."""
+    redrawn. With `documents`, a pretraining document (`Document`) of its own stream, up to the hard levels."""
     if split not in SPLITS:
         raise ValueError(f"split={split!r}: expected one of {SPLITS}")
+    if documents and split != "train":
+        raise ValueError(f"documents of split={split!r}: documents are train-side text only")
     for k in kinds:
         if k not in KINDS:
             raise ValueError(f"kind={k!r}: expected some of {KINDS}")
-    rng = random.Random(f"{split}:{seed}:{index}")
+    rng = random.Random(f"{'documents' if documents else split}:{seed}:{index}")
     for _ in range(100):
         kind = rng.choice(kinds)
-        lo, hi = levels if levels is not None else levels_for(kind, split)
+        lo, hi = levels if levels is not None else levels_for(kind, split, documents)
         level = rng.randint(lo, hi)
         lang = rng.choice(langs)
-        for _ in range(200):
+        for _ in range(400):
             problem = sample_problem(rng, kind, level)
-            if split == "hard" or split_of(problem) == split:
-                return render(problem, lang)
+            if split_of(problem) == split:
+                example = render(problem, lang)
+                return example.document if documents else example
     raise ValueError(f"no {split} problem found for kinds={kinds}, levels={levels}")
 
 
