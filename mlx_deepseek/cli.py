@@ -478,9 +478,10 @@ def cmd_eval(a: argparse.Namespace) -> int:
     print(f"{a.task} ({a.split}, {r['n']} problems, greedy): accuracy {r['accuracy']:.1%}, format {r['format']:.1%}, "
           f"language {r['language']:.1%}")
     if "decode_tps" in r:  # measured on --speed-samples of the problems
-        print(f"decode {r['decode_tps']:.1f} tok/s" + (
-            f"; MTP acceptance {r['mtp_acceptance']:.1%}, {r['mtp_decode_tps']:.1f} tok/s ({r['mtp_speedup']:.2f}x)"
-            if "mtp_acceptance" in r else ""))
+        print(f"decode {r['decode_tps']:.1f} tok/s")
+        for d in r.get("mtp_depths", []):
+            print(f"MTP drafting {d['depth']}: acceptance {d['acceptance']:.1%}, {d['tokens_per_step']:.2f} tokens/step, "
+                  f"{d['decode_tps']:.1f} tok/s ({d['speedup']:.2f}x)")
     if "expert_load_max_over_mean" in r:
         print("expert load max/mean per MoE layer: " + ", ".join(f"{x:.2f}" for x in r["expert_load_max_over_mean"]))
     return 0
@@ -501,7 +502,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--max-tokens", type=int, default=256)
     _sampling_args(gen)
     gen.add_argument("--stop", action="append", help="stop string (repeatable)")
-    gen.add_argument("--mtp", action="store_true", help="MTP self-speculative decoding")
+    gen.add_argument("--mtp", nargs="?", const=True, default=False, type=int, metavar="D",
+                     help="MTP self-speculative decoding (D: draft with the model's first D MTP modules; default all)")
     gen.add_argument("--kv-bits", type=int, default=None, choices=(4, 8), help="quantize the KV cache")
     gen.add_argument("--template", default=None, choices=("r1", "v3", "v2", "v1"), help="built-in chat template")
     gen.add_argument("--raw", action="store_true", help="use the prompt as is, without a chat template")

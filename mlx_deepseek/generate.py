@@ -183,10 +183,15 @@ class PromptCache:
         # compiled graph cannot do, so an offloaded model decodes uncompiled
         self.offloaded = getattr(model, "offloader", None) is not None
 
-    def _fresh_mtp_cache(self) -> list:
-        """One empty fixed-capacity cache per MTP module (grown by `ensure`)."""
+    def _fresh_mtp_cache(self, depth: Optional[int] = None) -> list:
+        """One empty fixed-capacity cache per drafting MTP module (the first `depth`; grown by `ensure`)."""
         args, dtype = self.model.args, activation_dtype(self.model)
-        return [StaticKVCache(args, 1, 64, dtype) for _ in self.model.mtp]
+        return [StaticKVCache(args, 1, 64, dtype) for _ in self.model.mtp[:depth]]
+
+    def draft_with(self, depth: int) -> None:
+        """Draft with the first `depth` MTP modules from the next call on."""
+        if depth != len(self.mtp_cache):
+            self.mtp_cache = self._fresh_mtp_cache(depth)
 
     @property
     def compiled(self) -> bool:
@@ -291,7 +296,7 @@ class PromptCache:
         if drop:
             for c in self.cache:
                 c.trim(drop)
-        self.mtp_cache = self._fresh_mtp_cache()  # MTP state restarts per call
+        self.mtp_cache = self._fresh_mtp_cache(len(self.mtp_cache))  # MTP state restarts per call
         self.tokens = self.tokens[:common]
         return prompt[common:]
 
@@ -377,7 +382,7 @@ def _mtp_tokens(model, prompt, pc: PromptCache, sampler, processors, taker, stat
     plain decoding, step i + 1 is queued before step i's tokens are read, except when a logits processor
     needs the tokens or the cache cannot take array offsets.
     """
-    depth = len(model.mtp)
+    depth = len(pc.mtp_cache)
     hidden = pc.prefill(mx.array(prompt)[None])  # [1, L, D], final-normed
     y = _sample(model.logits(hidden[:, -1, :]), mx.array(prompt)[None], sampler, processors)
     if taker:
@@ -420,19 +425,31 @@ def _mtp_tokens(model, prompt, pc: PromptCache, sampler, processors, taker, stat
             mx.async_eval(current)
 
 
+def draft_depth(model: Model, mtp: Union[bool, int]) -> int:
+    """How many MTP modules draft: all of them for `mtp=True`, else the first `mtp`."""
+    depth = len(model.mtp) if mtp is True else int(mtp)
+    if not model.mtp:
+        raise ValueError("MTP decoding needs a model with an MTP module (num_nextn_predict_layers > 0)")
+    if not 1 <= depth <= len(model.mtp):
+        raise ValueError(f"mtp={mtp}: the model has {len(model.mtp)} MTP module(s); draft with 1 to {len(model.mtp)}")
+    return depth
+
+
 def generate_tokens(
     model: Model,
     prompt: list[int],
     max_tokens: int = 256,
     sampling: Optional[Sampling] = None,
-    mtp: bool = False,
+    mtp: Union[bool, int] = False,
     stats: Optional[dict] = None,
     prompt_cache: Optional[PromptCache] = None,
 ) -> Iterator[list[int]]:
     """The raw token loop (no tokenizer, no stopping rule but max_tokens): yields lists of new token ids
-    (MTP may yield two per step). `stats` receives MTP's drafted/accepted counts."""
+    (MTP may yield several per step). `stats` receives MTP's drafted/accepted counts."""
     sampling = sampling or Sampling()
     pc = prompt_cache or PromptCache(model)
+    if mtp:
+        pc.draft_with(draft_depth(model, mtp))
     pc.ensure(len(prompt) + max_tokens)
     if mtp:
         stats = stats if stats is not None else {}
@@ -457,7 +474,7 @@ def stream_generate(
     sampling: Optional[Sampling] = None,
     stop: Sequence[str] = (),
     prompt_cache: Optional[PromptCache] = None,
-    mtp: bool = False,
+    mtp: Union[bool, int] = False,
     trace: bool = False,
     kv_bits: Optional[int] = None,
     kv_group_size: int = 64,
@@ -474,10 +491,10 @@ def stream_generate(
     ids = tokenizer.encode(prompt, add_special_tokens=False) if isinstance(prompt, str) else list(prompt)
     if not ids:
         raise ValueError("the prompt is empty")
-    if mtp and not model.mtp:
-        raise ValueError("MTP decoding needs a model with an MTP module (num_nextn_predict_layers > 0)")
     if prompt_cache is None:
         prompt_cache = PromptCache(model, kv_bits, kv_group_size)
+    if mtp:
+        prompt_cache.draft_with(draft_depth(model, mtp))
     todo = prompt_cache.reuse(ids)
     prompt_cache.ensure(len(todo) + max_tokens)
     prompt_cache.traced = trace

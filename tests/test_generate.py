@@ -130,6 +130,19 @@ def test_two_mtp_modules_draft_two_tokens_and_equal_plain_greedy(two_mtp_modules
     assert {len(s) for s in steps[1:-1]} == {1, 2, 3} and 0.3 < stats["accepted"] / stats["drafted"] < 1
 
 
+def test_drafting_with_fewer_mtp_modules(two_mtp_modules):
+    """mtp=D drafts with the model's first D modules; the same prompt cache switches depth between calls."""
+    model, tok = two_mtp_modules
+    plain = generate(model, tok, PROMPT, max_tokens=16)
+    pc = PromptCache(model)
+    one = generate(model, tok, PROMPT, max_tokens=16, mtp=1, prompt_cache=pc)
+    assert one.tokens == plain.tokens and len(pc.mtp_cache) == 1
+    both = generate(model, tok, PROMPT, max_tokens=16, mtp=True, prompt_cache=pc)
+    assert both.tokens == plain.tokens and len(pc.mtp_cache) == 2 and both.mtp_drafted % 2 == 0
+    with pytest.raises(ValueError, match="mtp=3: the model has 2 MTP module"):
+        generate(model, tok, PROMPT, max_tokens=4, mtp=3)
+
+
 def test_batched_equals_one_by_one(v3):
     model, tok = v3
     prompts = [PROMPT, [1, 9], [1, 3, 4, 5, 6, 7, 8, 9, 10]]
