@@ -212,7 +212,7 @@ def cmd_bench_convert(a: argparse.Namespace) -> int:
 _TRAIN_SETTINGS = (  # flag -> TrainConfig field, for `train pretrain` and `train sft`
     "steps", "batch_size", "seq_len", "lr", "min_lr_ratio", "warmup", "weight_decay", "grad_clip", "mtp_weight",
     "bias_gamma", "seq_aux_alpha", "expert_aux_alpha", "device_aux_alpha", "n_devices", "data_seed", "seed",
-    "log_every", "eval_every", "save_every", "documents",
+    "log_every", "eval_every", "save_every", "beyond",
 )
 
 
@@ -295,8 +295,8 @@ def _add_train_parser(sub) -> None:
     pre = kinds.add_parser("pretrain", help="pretrain from scratch: next-token + MTP loss, aux-loss-free balancing")
     pre.add_argument("--config", default=None, help="model config.json (default: the nano-r1 config)")
     pre.add_argument("--tokenizer", default=None, help="tokenizer folder (default: train one into OUT/tokenizer)")
-    pre.add_argument("--documents", type=float, metavar="SHARE",
-                     help="share of plain worked-solution documents in the corpus (they reach the hard levels; 0-1)")
+    pre.add_argument("--beyond", type=float, metavar="SHARE",
+                     help="share of examples drawn beyond the training levels (train-side problems at the hard levels)")
     common(pre)
     _parallel_args(pre, "train data-parallel")
     sft = kinds.add_parser("sft", help="cold-start SFT on chat-formatted traces (loss on assistant tokens only)")

@@ -30,7 +30,12 @@ class Sampling:
     seed: Optional[int] = None
 
     def sampler(self):
-        return make_sampler(self.temperature, top_p=self.top_p if self.top_p < 1.0 else 0.0, min_p=self.min_p, top_k=self.top_k)
+        """logits -> token ids. Greedy takes the argmax of the raw logits; the others get log-probabilities
+        (mlx-lm's top-p reads them as normalised)."""
+        if self.temperature == 0:
+            return lambda logits: mx.argmax(logits, axis=-1)
+        sample = make_sampler(self.temperature, top_p=self.top_p if self.top_p < 1.0 else 0.0, min_p=self.min_p, top_k=self.top_k)
+        return lambda logits: sample(logits - mx.logsumexp(logits, axis=-1, keepdims=True))
 
     def processors(self):
         return make_logits_processors(repetition_penalty=self.repetition_penalty)
@@ -349,7 +354,7 @@ class Chunk:
 def _sample(logits: mx.array, history: mx.array, sampler, processors) -> mx.array:
     for p in processors:
         logits = p(history, logits)
-    return sampler(logits - mx.logsumexp(logits, axis=-1, keepdims=True))
+    return sampler(logits)
 
 
 def _plain_tokens(model, prompt, pc: PromptCache, sampler, processors, taker) -> Iterator[list[int]]:

@@ -92,25 +92,21 @@ def test_hard_split_has_more_digits_than_train():
     assert len(str(add_hard)) > len(str(add_train))
 
 
-def test_documents_reach_the_hard_levels_on_the_train_side_only():
-    """Pretraining documents: plain worked solutions (no chat template) up to the hard levels, never a problem of
-    the heldout or hard split; the hard split is held-out-side only."""
-    docs = [tasks.example_at(i, "train", 0, documents=True) for i in range(600)]
+def test_pretraining_beyond_the_training_levels_stays_on_the_train_side():
+    """`beyond` examples: train-side problems at exactly the hard levels, never a problem of the heldout or hard
+    split; the hard split is held-out-side only."""
+    beyond = [tasks.example_at(i, "train", 0, beyond=True) for i in range(400)]
     hard = list(tasks.generate(300, "hard", seed=0))
     assert all(tasks.is_heldout(e.problem) and tasks.split_of(e.problem) == "hard" for e in hard)
-    assert not any(tasks.is_heldout(d.example.problem) for d in docs)
+    assert all(tasks.split_of(e.problem) == "train" for e in beyond)
     for kind in tasks.KINDS:
-        lo, hi = tasks.TRAIN_LEVELS[kind]
-        levels = {d.example.problem.level for d in docs if d.example.problem.kind.startswith(kind)}
-        assert levels == set(range(lo, hi + tasks.HARD_EXTRA + 1)), (kind, levels)
-    d = docs[0]
-    assert d.prompt_text == BOS and d.completion.endswith(EOS)
-    assert d.example.trace in d.completion and d.example.prompt in d.completion
-    assert not any(tag in d.completion for tag in (USER, ASSISTANT, THINK, END_THINK))
-    # their own stream: the document at a position is not the conversation at it
-    assert d.example.problem != tasks.example_at(0, "train", 0).problem
-    with pytest.raises(ValueError, match="train-side"):
-        tasks.example_at(0, "heldout", 0, documents=True)
+        hi = tasks.TRAIN_LEVELS[kind][1]
+        levels = {e.problem.level for e in beyond if e.problem.kind.startswith(kind)}
+        assert levels == set(range(hi + 1, hi + tasks.HARD_EXTRA + 1)), (kind, levels)
+    # a stream of its own: the example beyond at a position is not the ordinary one at it
+    assert beyond[0].problem != tasks.example_at(0, "train", 0).problem
+    with pytest.raises(ValueError, match="only train-side"):
+        tasks.example_at(0, "heldout", 0, beyond=True)
 
 
 def test_languages_and_trace_in_prompt_language():

@@ -197,16 +197,16 @@ def test_sft_masks_the_prompt(tok):
     assert masked_cross_entropy(logits, targets, m).item() == masked_cross_entropy(logits, other, m).item()
 
 
-def test_pretraining_mix_of_documents(tok):
-    """--documents P: about that share of the packed examples are plain documents, the rest conversations."""
-    mixed = PackedBatches(tok, 1, 40, documents=0.5)
-    kinds = [type(mixed.example(i)).__name__ for i in range(400)]
-    assert set(kinds) == {"Document", "Example"} and 0.4 < kinds.count("Document") / 400 < 0.6
-    assert all(type(PackedBatches(tok, 1, 40).example(i)).__name__ == "Example" for i in range(50))
-    ids, mask = next(PackedBatches(tok, 2, 64, documents=1.0))
-    assert mask.all() and "<think>" not in tok.decode(ids[0].tolist())
-    with pytest.raises(ValueError, match="documents=1.5"):
-        TrainConfig(documents=1.5).check()
+def test_pretraining_share_beyond_the_training_levels(tok):
+    """--beyond P: about that share of the packed examples are drawn at the hard levels, the rest as usual."""
+    mixed = PackedBatches(tok, 1, 40, beyond=0.25)
+    far = [mixed.example(i).problem.level > tasks.TRAIN_LEVELS[tasks._family(mixed.example(i).problem.kind)][1]
+           for i in range(400)]
+    assert 0.18 < sum(far) / 400 < 0.32
+    plain = PackedBatches(tok, 1, 40)
+    assert not any(plain.example(i).problem.level > 5 for i in range(100))
+    with pytest.raises(ValueError, match="beyond=1.5"):
+        TrainConfig(beyond=1.5).check()
 
 
 def test_packing_is_resumable(tok):

@@ -88,7 +88,7 @@ class MultiHeadLatentAttention(nn.Module):
 
         c_kv, k_pe = mx.split(self.kv_a_proj_with_mqa(x), [self.kv_lora_rank], axis=-1)
         c_kv = mx.expand_dims(self.kv_a_layernorm(c_kv), 1)  # [B, 1, L, kv_lora_rank]
-        k_pe = k_pe.reshape(B, L, 1, self.qk_rope_head_dim).transpose(0, 2, 1, 3)
+        k_pe = k_pe.reshape(B, 1, L, self.qk_rope_head_dim)  # one shared head
 
         offset = cache.offset if cache is not None else 0
         q_pe, k_pe = self.rope(q_pe, offset=offset), self.rope(k_pe, offset=offset)
@@ -99,7 +99,7 @@ class MultiHeadLatentAttention(nn.Module):
                 k_pe = mx.dequantize(*k_pe, group_size=cache.group_size, bits=cache.bits).astype(x.dtype)
 
         # The decoupled-RoPE scores enter as an additive mask of the latent attention.
-        pe_scores = (q_pe * self.scale) @ k_pe.swapaxes(-1, -2)
+        pe_scores = (q_pe @ k_pe.swapaxes(-1, -2)) * self.scale
         if mask is not None:
             pe_scores = mx.where(mask, pe_scores, mx.array(mx.finfo(pe_scores.dtype).min, pe_scores.dtype))
 

@@ -48,8 +48,9 @@ class StaticKVCache:
 
     def update_and_fetch(self, keys: mx.array, values: mx.array):
         s, offset = self.state, self.state["offset"]
-        s["keys"] = mx.slice_update(s["keys"], keys, offset[None], axes=(2,))
-        s["values"] = mx.slice_update(s["values"], values, offset[None], axes=(2,))
+        start = offset[None]
+        s["keys"] = mx.slice_update(s["keys"], keys, start, axes=(2,))
+        s["values"] = mx.slice_update(s["values"], values, start, axes=(2,))
         s["offset"] = offset + keys.shape[2]
         return s["keys"], s["values"]
 

@@ -1,7 +1,7 @@
 """Task examples, tokenized and packed into fixed-length rows.
 
-Examples are concatenated (each is a whole R1 conversation, or with `documents` > 0 that share of them a
-plain worked-solution document, BOS to EOS) and cut into rows of seq_len + 1
+Examples are concatenated (each is a whole R1 conversation, BOS to EOS; with `beyond` > 0 that share of them
+drawn beyond the training levels) and cut into rows of seq_len + 1
 tokens (inputs are row[:-1], targets row[1:]). Every token carries a loss mask: 1 everywhere for
 pretraining; for SFT 1 on the assistant's tokens only (`<think>` ... EOS) and 0 on the prompt. The
 stream's state is small (the index of the next example and the tokens left over from the last one), so a
@@ -18,7 +18,7 @@ import numpy as np
 from . import tasks
 
 
-def encode_example(tokenizer, example, mask_prompt: bool) -> tuple[list[int], list[int]]:
+def encode_example(tokenizer, example: tasks.Example, mask_prompt: bool) -> tuple[list[int], list[int]]:
     """(ids, mask) of one conversation; the prompt (BOS ... Assistant tag) gets mask 0 if mask_prompt.
 
     The prompt and the completion are encoded apart: they meet at the `<｜Assistant｜>` special token,
@@ -41,13 +41,13 @@ class PackedBatches:
         mask_prompt: bool = False,
         task_options: Optional[dict] = None,
         state: Optional[dict] = None,
-        documents: float = 0.0,
+        beyond: float = 0.0,
     ):
         self.tokenizer = tokenizer
         self.batch_size, self.seq_len = batch_size, seq_len
         self.split, self.seed, self.mask_prompt = split, seed, mask_prompt
         self.task_options = dict(task_options or {})
-        self.documents = documents
+        self.beyond = beyond
         self.position = 0  # index of the next example to read
         self.ids: list[int] = []  # tokens read but not yet in a row
         self.mask: list[int] = []
@@ -61,10 +61,9 @@ class PackedBatches:
         self.position, self.ids, self.mask = int(state["position"]), list(state["ids"]), list(state["mask"])
 
     def example(self, position: int):
-        """The conversation or document at `position` (anything with prompt_text and completion; subclasses
-        read files)."""
-        document = self.documents > 0 and random.Random(f"mix:{self.seed}:{position}").random() < self.documents
-        return tasks.example_at(position, self.split, self.seed, documents=document, **self.task_options)
+        """The conversation at `position` (anything with prompt_text and completion; subclasses read files)."""
+        beyond = self.beyond > 0 and random.Random(f"beyond:{self.seed}:{position}").random() < self.beyond
+        return tasks.example_at(position, self.split, self.seed, beyond=beyond, **self.task_options)
 
     def _row(self) -> tuple[list[int], list[int]]:
         n = self.seq_len + 1

@@ -68,7 +68,7 @@ class TrainConfig:
     data_seed: int = 0
     seed: int = 0  # parameter initialisation
     task_options: dict = field(default_factory=dict)  # kinds / langs / levels for tasks.example_at
-    documents: float = 0.0  # share of plain worked-solution documents (pretraining; up to the hard levels)
+    beyond: float = 0.0  # share of (train-side) examples drawn beyond the training levels, at the hard ones
     log_every: int = 10
     eval_every: int = 100  # heldout loss every N steps (0: never)
     save_every: int = 500
@@ -94,8 +94,8 @@ class TrainConfig:
             raise ValueError(f"seq_len={self.seq_len}: the MTP loss needs at least 3 positions")
         if self.lr <= 0:
             raise ValueError(f"lr={self.lr}: must be positive")
-        if not 0 <= self.documents <= 1:
-            raise ValueError(f"documents={self.documents}: a share, between 0 and 1")
+        if not 0 <= self.beyond <= 1:
+            raise ValueError(f"beyond={self.beyond}: a share, between 0 and 1")
 
 
 def init_weights(model: nn.Module, seed: int = 0, std: float = 0.02) -> None:
@@ -165,7 +165,7 @@ class Trainer:
         self.step = 0
         self.data = PackedBatches(
             tokenizer, cfg.batch_size, cfg.seq_len, cfg.split, cfg.data_seed, cfg.mask_prompt, cfg.task_options,
-            documents=cfg.documents,
+            beyond=cfg.beyond,
         )
         self._eval_batch = None
         self._step_fn = self._build_step()

@@ -17,10 +17,9 @@ Splits: a hash of a problem's canonical, language-free key puts it on the train 
 `heldout` draw at the training levels (TRAIN_LEVELS), `hard` draws held-out-side problems at the HARD_EXTRA
 levels beyond them.
 
-Two renderings: a chat conversation (`Example.text`: prompt, `<think>` trace, boxed answer; SFT and half of
-pretraining) and a plain worked-solution document (`Example.document`: the same words without the chat
-template). Pretraining documents reach the hard levels too (train side only); SFT stays at the training
-levels, so the hard split has more digits than SFT ever showed and no problem the model ever saw.
+Pretraining may draw a share of its examples `beyond` the training levels (train-side problems at the hard
+split's lengths); SFT stays at the training levels, so the hard split has more digits than SFT ever showed
+and no problem the model ever saw.
 """
 
 from __future__ import annotations
@@ -101,25 +100,6 @@ class Example:
         """The whole R1-format conversation."""
         return self.prompt_text + self.completion
 
-    @property
-    def document(self) -> "Document":
-        return Document(self)
-
-
-@dataclass
-class Document:
-    """An example as a plain worked solution (pretraining text): the question, the steps, the answer."""
-
-    example: Example
-
-    @property
-    def prompt_text(self) -> str:
-        return BOS
-
-    @property
-    def completion(self) -> str:
-        e = self.example
-        return f"{e.prompt}\n{e.trace}\n{e.answer}{EOS}"
 
 
 # ---- splits ------------------------------------------------------------------------------------
@@ -132,8 +112,8 @@ def is_heldout(problem: Problem) -> bool:
 
 
 def split_of(problem: Problem) -> str:
-    """`train` on the train side (at any level: documents go beyond the training levels), else `heldout` or,
-    beyond the training levels, `hard`."""
+    """`train` on the train side (at any level: pretraining may go beyond the training levels), else
+    `heldout` or, beyond the training levels, `hard`."""
     if not is_heldout(problem):
         return "train"
     return "hard" if problem.level > TRAIN_LEVELS[_family(problem.kind)][1] else "heldout"
@@ -143,13 +123,13 @@ def _family(kind: str) -> str:
     return "count" if kind.startswith("count") else kind
 
 
-def levels_for(kind: str, split: str, documents: bool = False) -> tuple[int, int]:
-    """The levels a split draws from; pretraining documents (train side) reach the hard levels."""
+def levels_for(kind: str, split: str, beyond: bool = False) -> tuple[int, int]:
+    """The levels a split draws from; `beyond`: the hard levels (for train-side pretraining examples)."""
     lo, hi = TRAIN_LEVELS[kind]
-    if split == "hard":
+    if split == "hard" or beyond:
         return hi + 1, hi + HARD_EXTRA
     if split in ("train", "heldout"):
-        return lo, hi + (HARD_EXTRA if documents else 0)
+        return lo, hi
     raise ValueError(f"split={split!r}: expected one of {SPLITS}")
 
 
@@ -326,30 +306,29 @@ def example_at(
     kinds: tuple[str, ...] = KINDS,
     langs: tuple[str, ...] = LANGS,
     levels: Optional[tuple[int, int]] = None,
-    documents: bool = False,
-):
+    beyond: bool = False,
+) -> Example:
     """Example number `index` of the stream (split, seed): random access, so a data position is one integer.
 
     Drawn uniformly over kind, then level, then language and operands; a problem of the wrong split is
-    redrawn. With `documents`, a pretraining document (`Document`) of its own stream, up to the hard levels."""
+    redrawn. `beyond`: a train-side example at the hard levels, from a stream of its own."""
     if split not in SPLITS:
         raise ValueError(f"split={split!r}: expected one of {SPLITS}")
-    if documents and split != "train":
-        raise ValueError(f"documents of split={split!r}: documents are train-side text only")
+    if beyond and split != "train":
+        raise ValueError(f"beyond with split={split!r}: only train-side problems are drawn beyond the training levels")
     for k in kinds:
         if k not in KINDS:
             raise ValueError(f"kind={k!r}: expected some of {KINDS}")
-    rng = random.Random(f"{'documents' if documents else split}:{seed}:{index}")
+    rng = random.Random(f"{'beyond' if beyond else split}:{seed}:{index}")
     for _ in range(100):
         kind = rng.choice(kinds)
-        lo, hi = levels if levels is not None else levels_for(kind, split, documents)
+        lo, hi = levels if levels is not None else levels_for(kind, split, beyond)
         level = rng.randint(lo, hi)
         lang = rng.choice(langs)
         for _ in range(400):
             problem = sample_problem(rng, kind, level)
             if split_of(problem) == split:
-                example = render(problem, lang)
-                return example.document if documents else example
+                return render(problem, lang)
     raise ValueError(f"no {split} problem found for kinds={kinds}, levels={levels}")
 
 
