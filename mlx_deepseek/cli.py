@@ -316,8 +316,7 @@ def cmd_grpo(a: argparse.Namespace) -> int:
         settings["task"], settings["data"] = None, a.data
     if a.reward:
         settings["rewards"] = parse_weights(a.reward)
-    if a.levels:
-        settings["task_options"] = {"levels": tuple(a.levels)}
+    settings["task_options"] = {**({"levels": tuple(a.levels)} if a.levels else {}), **({"beyond": True} if a.beyond else {})}
     lora = {k: getattr(a, f"lora_{k}") for k in ("rank", "scale", "dropout", "layers") if getattr(a, f"lora_{k}") is not None}
     if lora:
         settings["lora"] = lora
@@ -371,6 +370,8 @@ def _add_grpo_parsers(kinds) -> None:
     src.add_argument("--data", help="prompts from a JSONL file (prompt, answer, optional lang)")
     g.add_argument("--split", choices=("train", "heldout", "hard"), help="task split of the prompts")
     g.add_argument("--levels", type=int, nargs=2, metavar=("LO", "HI"), help="task difficulty levels (digits)")
+    g.add_argument("--beyond", action="store_true",
+                   help="train-split prompts at the hard split's levels (more digits than SFT saw; no hard-split problem)")
     g.add_argument("--steps", type=int, help="rollout batches")
     g.add_argument("--prompts", dest="prompts_per_step", type=int, help="prompts per step")
     g.add_argument("--group-size", type=int, help="samples per prompt (G)")

@@ -15,9 +15,10 @@ from mlx_lm.models.mla import MultiLinear
 from mlx_lm.models.switch_layers import SwitchLinear
 
 from mlx_deepseek.cli import main
-from mlx_deepseek.train import lora
+from mlx_deepseek.train import lora, tasks
 from mlx_deepseek.train.grpo import (
-    GRPOConfig, GRPOTrainer, RolloutBatch, completion_logps, group_advantages, load_for_training, policy_loss,
+    GRPOConfig, GRPOTrainer, PromptStream, RolloutBatch, completion_logps, group_advantages, load_for_training,
+    policy_loss,
 )
 from mlx_deepseek.train.loop import read_metrics
 from mlx_deepseek.train.vocab import copy_tokenizer
@@ -213,6 +214,22 @@ def test_zero_variance_groups_are_counted_and_resampled(tiny_folder, tmp_path, m
     # a random tiny model answers nothing right: every group has zero variance, so two more rounds were drawn
     assert batch.zero_std_frac == 1.0 and len(calls) == 6 and tr.data.position == 6  # 3 rounds x 2 groups
     assert np.all(batch.advantages == 0) and len(batch.drawn) == 18  # every rollout drawn is kept for the means
+
+
+def test_prompts_beyond_the_sft_levels(tiny_folder, tmp_path, monkeypatch):
+    """--beyond: train-side prompts at the hard split's levels (the problems the hard split evaluates are never
+    among them); it reaches the stream as a task option."""
+    stream = PromptStream("arithmetic", None, "train", 3, {"beyond": True})
+    assert [r["prompt"] for r in stream.take(5)] == [tasks.example_at(i, "train", 3, beyond=True).prompt for i in range(5)]
+    seen = {}
+
+    def fake_grpo(model, out, cfg, resume=False, progress=True):
+        seen["options"] = cfg.task_options
+        return tmp_path / "model"
+
+    monkeypatch.setattr("mlx_deepseek.train.grpo.grpo", fake_grpo)
+    assert main(["train", "grpo", "--out", str(tmp_path / "run"), "--beyond", "--no-progress"]) == 0
+    assert seen["options"] == {"beyond": True}
 
 
 def test_train_grpo_command_with_a_raising_reward_and_fuse(tiny_folder, tmp_path):
