@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Iterator, Optional, Sequence, Union
 
 import mlx.core as mx
@@ -16,6 +17,16 @@ from .chat import THINK, ReasoningParser
 from .models import Model
 from .models.cache import StaticKVCache
 from .models.moe import RoutingTrace
+
+
+@lru_cache(maxsize=None)
+def _sampler(temperature: float, top_p: float, min_p: float, top_k: int):
+    """Greedy takes the argmax of the raw logits; the others get log-probabilities (mlx-lm's top-p reads them as
+    normalised)."""
+    if temperature == 0:
+        return lambda logits: mx.argmax(logits, axis=-1)
+    sample = make_sampler(temperature, top_p=top_p, min_p=min_p, top_k=top_k)
+    return lambda logits: sample(logits - mx.logsumexp(logits, axis=-1, keepdims=True))
 
 
 @dataclass
@@ -30,12 +41,8 @@ class Sampling:
     seed: Optional[int] = None
 
     def sampler(self):
-        """logits -> token ids. Greedy takes the argmax of the raw logits; the others get log-probabilities
-        (mlx-lm's top-p reads them as normalised)."""
-        if self.temperature == 0:
-            return lambda logits: mx.argmax(logits, axis=-1)
-        sample = make_sampler(self.temperature, top_p=self.top_p if self.top_p < 1.0 else 0.0, min_p=self.min_p, top_k=self.top_k)
-        return lambda logits: sample(logits - mx.logsumexp(logits, axis=-1, keepdims=True))
+        """logits -> token ids; one function per setting, so the compiled decode steps are traced once per setting."""
+        return _sampler(self.temperature, self.top_p if self.top_p < 1.0 else 0.0, self.min_p, self.top_k)
 
     def processors(self):
         return make_logits_processors(repetition_penalty=self.repetition_penalty)
@@ -111,37 +118,65 @@ def make_cache(model: Model, kv_bits: Optional[int] = None, kv_group_size: int =
 
 
 class CompiledSteps:
-    """The forward passes of decoding, compiled once per model (and traced once per input shape).
+    """The decode steps, compiled once per model and sampler (and traced once per input shape), sampling included.
 
-    Cache state goes in and out explicitly and the weights are implicit inputs, so one compiled graph
-    serves every conversation and sees weights that change (fine-tuning) without retracing.
+    Cache state goes in and out explicitly; the weights and the random state are implicit inputs, so one compiled
+    graph serves every conversation, sees weights that change (fine-tuning) without retracing, and draws fresh
+    random numbers every step.
     """
 
     def __init__(self, model: Model):
-        def hidden(tokens, states):
+        self.model = model
+        self._steps: dict = {}  # (step, sample) -> compiled function
+
+    def _compiled(self, name: str, sample, fn):
+        key = (name, sample)
+        if key not in self._steps:
+            self._steps[key] = mx.compile(fn, inputs=[self.model, mx.random.state], outputs=[mx.random.state])
+        return self._steps[key]
+
+    def next_token(self, sample):
+        """(tokens [B, L], states) -> (sample(logits of the next position), states)."""
+        def step(tokens, states):
             caches = [StaticKVCache.wrap(s) for s in states]
-            return model.model(tokens, caches), [c.state for c in caches]
+            logits = self.model.logits(self.model.model(tokens, caches)[:, -1, :])
+            return sample(logits), [c.state for c in caches]
 
-        def next_logits(tokens, states):
-            h, states = hidden(tokens, states)
-            return model.logits(h[:, -1, :]), states
+        return self._compiled("next_token", sample, step)
 
-        def verify(tokens, states):
-            h, states = hidden(tokens, states)
-            return h, model.logits(h), states
+    def speculative(self, sample):
+        """(y, drafts, states, MTP states) -> (speculative_step's outputs, states, MTP states)."""
+        def step(y, drafts, states, mtp_states):
+            caches = [StaticKVCache.wrap(s) for s in states]
+            mtp_caches = [StaticKVCache.wrap(s) for s in mtp_states]
+            out = speculative_step(self.model, y, drafts, caches, mtp_caches, sample)
+            return out, [c.state for c in caches], [c.state for c in mtp_caches]
 
-        def redraft(h, targets, accepted, offsets, states):
-            return speculate(model, h, targets, accepted, offsets, [StaticKVCache.wrap(s) for s in states])
+        return self._compiled("speculative", sample, step)
 
-        weights = [model]
-        self.hidden = mx.compile(hidden, inputs=weights)
-        self.next_logits = mx.compile(next_logits, inputs=weights)
-        self.verify = mx.compile(verify, inputs=weights)
-        self.redraft = mx.compile(redraft, inputs=weights)
+
+def speculative_step(model: Model, y: mx.array, drafts: mx.array, caches: list, mtp_caches: list, sample):
+    """One MTP step: the main model verifies [t_n, d_1 .. d_D] (y = [t_n]) in one pass, `sample` draws the targets
+    T_1 .. T_{D+1} from its logits ([D + 1, vocab] -> [D + 1]), the drafts are kept while they equal their
+    targets, and the MTP modules draft the next D tokens (`speculate`). Returns (targets, accepted, the next
+    token T_{accepted+1}, the next drafts). With fixed-capacity caches it is array arithmetic end to end (no host
+    sync, so the next step can be queued); other caches are trimmed after reading `accepted`."""
+    depth = len(mtp_caches)
+    h = model.model(mx.concatenate([y, drafts])[None], caches)
+    targets = sample(model.logits(h)[0])
+    accepted = mx.cumprod((drafts == targets[:depth]).astype(mx.int32)).sum()
+    static = isinstance(caches[0], StaticKVCache)
+    if not static:  # mlx-lm's quantized cache keeps a Python offset
+        for c in caches:
+            c.trim(depth - int(accepted.item()))
+    new_drafts, offsets, _ = speculate(model, h, targets[None], accepted, [c.offset for c in caches] if static else [], mtp_caches)
+    for c, offset in zip(caches if static else [], offsets):
+        c.state["offset"] = offset
+    return targets, accepted, mx.take(targets, accepted[None]), new_drafts
 
 
 def speculate(model: Model, h: mx.array, targets: mx.array, accepted: mx.array, offsets: list, mtp_caches: list):
-    """After verifying [t_n, d_1 .. d_D] (D: the model's MTP modules) with sampled targets T_1 .. T_{D+1}, of
+    """After verifying [t_n, d_1 .. d_D] (D: the drafting MTP modules) with sampled targets T_1 .. T_{D+1}, of
     which the first `accepted` equalled the drafts: keep 1 + accepted positions in the main caches (their
     offsets) and in every MTP module's cache, and draft the next D tokens. Module k runs on the step's D + 1
     positions n + j: its hidden input is module k-1's output (the main model's for k = 0) and its token the one
@@ -202,21 +237,13 @@ class PromptCache:
     def compiled(self) -> bool:
         return not (self.traced or self.offloaded) and isinstance(self.cache[0], StaticKVCache)
 
-    def hidden(self, tokens: mx.array) -> mx.array:
-        """Final-normed hidden states of new tokens [B, L], appended to the cache."""
+    def next_token(self, tokens: mx.array, sample) -> mx.array:
+        """The decode step: `sample` of the logits for the token after `tokens` [B, L] (one compiled graph)."""
         if not self.compiled:
-            return self.model.model(tokens, self.cache)
-        h, states = compiled_steps(self.model).hidden(tokens, [c.state for c in self.cache])
+            return sample(self.model.logits(self.model.model(tokens, self.cache)[:, -1, :]))
+        out, states = compiled_steps(self.model).next_token(sample)(tokens, [c.state for c in self.cache])
         self._store(self.cache, states)
-        return h
-
-    def next_logits(self, tokens: mx.array) -> mx.array:
-        """Logits for the token after `tokens` [B, L] (the decode step: blocks and head in one graph)."""
-        if not self.compiled:
-            return self.model.logits(self.model.model(tokens, self.cache)[:, -1, :])
-        logits, states = compiled_steps(self.model).next_logits(tokens, [c.state for c in self.cache])
-        self._store(self.cache, states)
-        return logits
+        return out
 
     def draft(self, hidden: mx.array, ahead: mx.array) -> mx.array:
         """The first D drafts after a prompt, filling the MTP caches: module k runs on the prompt's positions j
@@ -234,31 +261,17 @@ class PromptCache:
         are arrays); mlx-lm's quantized cache keeps a Python offset, so it is trimmed after a sync."""
         return isinstance(self.cache[0], StaticKVCache)
 
-    def verify(self, tokens: mx.array) -> tuple[mx.array, mx.array]:
-        """Hidden states and logits of new tokens [B, L] (MTP's verification pass), appended to the cache."""
-        if not self.compiled:
-            h = self.model.model(tokens, self.cache)
-            return h, self.model.logits(h)
-        h, logits, states = compiled_steps(self.model).verify(tokens, [c.state for c in self.cache])
+    def speculate(self, y: mx.array, drafts: mx.array, sample, compile: bool = True) -> tuple:
+        """`speculative_step` on this cache, as one compiled graph where it can be (compile: `sample` is a
+        fixed function of the logits, not one that reads the token history)."""
+        if not (compile and self.compiled):
+            return speculative_step(self.model, y, drafts, self.cache, self.mtp_cache, sample)
+        out, states, mtp_states = compiled_steps(self.model).speculative(sample)(
+            y, drafts, [c.state for c in self.cache], [c.state for c in self.mtp_cache]
+        )
         self._store(self.cache, states)
-        return h, logits
-
-    def redraft(self, h: mx.array, targets: mx.array, accepted: mx.array) -> mx.array:
-        """`speculate` on this cache: keeps 1 + accepted verified positions and returns the next drafts."""
-        if not self.pipelined:
-            for c in self.cache:
-                c.trim(len(self.mtp_cache) - int(accepted.item()))
-        offsets = [c.offset for c in self.cache] if self.pipelined else []
-        if self.compiled:
-            drafts, offsets, states = compiled_steps(self.model).redraft(
-                h, targets, accepted, offsets, [c.state for c in self.mtp_cache]
-            )
-            self._store(self.mtp_cache, states)
-        else:
-            drafts, offsets, _ = speculate(self.model, h, targets, accepted, offsets, self.mtp_cache)
-        for c, o in zip(self.cache if self.pipelined else [], offsets):
-            c.state["offset"] = o
-        return drafts
+        self._store(self.mtp_cache, mtp_states)
+        return out
 
     @staticmethod
     def _store(caches: list, states: list) -> None:
@@ -351,6 +364,11 @@ class Chunk:
 
 
 # ---- the token loop ----------------------------------------------------------------------------------
+def _logits(logits: mx.array) -> mx.array:
+    """The identity 'sampler': a decode step that returns logits (for logits processors, applied after it)."""
+    return logits
+
+
 def _sample(logits: mx.array, history: mx.array, sampler, processors) -> mx.array:
     for p in processors:
         logits = p(history, logits)
@@ -365,9 +383,11 @@ def _plain_tokens(model, prompt, pc: PromptCache, sampler, processors, taker) ->
     mx.async_eval(y)
     position = len(prompt) - 1
     while True:
-        if processors:  # the tokens so far, which only logits processors read
+        if processors:  # the tokens so far, which only logits processors read: they run outside the graph
             history = mx.concatenate([history, y])
-        next_y = _sample(pc.next_logits(y[None]), history[None], sampler, processors)
+            next_y = _sample(pc.next_token(y[None], _logits), history[None], sampler, processors)
+        else:
+            next_y = pc.next_token(y[None], sampler)
         mx.async_eval(next_y)
         if taker:
             taker.take([position])
@@ -396,18 +416,16 @@ def _mtp_tokens(model, prompt, pc: PromptCache, sampler, processors, taker, stat
     history = list(prompt)
     queued = pc.pipelined and not processors  # step i + 1 queued before step i is read
 
-    def step(y: mx.array, drafts: mx.array):
-        h, logits = pc.verify(mx.concatenate([y, drafts])[None])  # positions n .. n + D
-        past = mx.array(history)[None] if processors else mx.zeros((1, 0), mx.int32)  # read by processors only
-        targets = []
+    def with_history(logits: mx.array) -> mx.array:
+        """The targets one after another, each position's processors seeing the ones before it."""
+        past, targets = mx.array(history)[None], []
         for j in range(depth + 1):
-            targets.append(_sample(logits[:, j, :], past, sampler, processors))
-            if processors:
-                past = mx.concatenate([past, targets[-1][None]], axis=1)
-        targets = mx.concatenate(targets)
-        accepted = mx.cumprod((drafts == targets[:depth]).astype(mx.int32)).sum()
-        new_drafts = pc.redraft(h, targets[None], accepted)
-        return targets, accepted, mx.take(targets, accepted[None]), new_drafts
+            targets.append(_sample(logits[j : j + 1], past, sampler, processors))
+            past = mx.concatenate([past, targets[-1][None]], axis=1)
+        return mx.concatenate(targets)
+
+    def step(y: mx.array, drafts: mx.array):  # verifies positions n .. n + D
+        return pc.speculate(y, drafts, with_history, compile=False) if processors else pc.speculate(y, drafts, sampler)
 
     history.append(y.item())
     yield [history[-1]]

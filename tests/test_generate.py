@@ -41,6 +41,17 @@ def test_greedy_is_deterministic_and_seeded_sampling_repeats(v3):
     assert s1.tokens == s2.tokens and s1.tokens != a.tokens
 
 
+@pytest.mark.parametrize("mtp", [False, True])
+def test_compiled_steps_sample_like_uncompiled_ones(v3, mtp):
+    """Sampling runs inside the compiled decode step with the random state as its input and output: the same
+    seed draws the same tokens as the uncompiled step (a traced run), so the state advances every step."""
+    model, tok = v3
+    hot = Sampling(temperature=3.0, seed=11)
+    compiled = generate(model, tok, PROMPT, max_tokens=24, sampling=hot, mtp=mtp)
+    uncompiled = generate(model, tok, PROMPT, max_tokens=24, sampling=hot, mtp=mtp, trace=True)
+    assert compiled.tokens == uncompiled.tokens and len(set(compiled.tokens)) > 8
+
+
 def test_repetition_penalty_reads_the_whole_history(v3):
     """Greedy with mlx-lm's repetition penalty = the argmax of the penalised full forward pass, token after
     token, with the prompt and every generated token as history (plain and MTP decoding)."""
