@@ -45,7 +45,7 @@ def test_nano_config_is_a_v3_model():
     args = ModelArgs.from_file(NANO_CONFIG)
     assert args.model_type == "deepseek_v3" and args.uses_mla and args.q_lora_rank
     assert args.topk_method == "noaux_tc" and args.scoring_func == "sigmoid" and args.n_group > 1
-    assert args.num_nextn_predict_layers == 2 and args.n_shared_experts == 1
+    assert args.num_nextn_predict_layers == 1 and args.n_shared_experts == 1
     assert not args.is_moe_layer(0) and all(args.is_moe_layer(i) for i in range(1, args.num_hidden_layers))
 
 
