@@ -316,7 +316,10 @@ def cmd_grpo(a: argparse.Namespace) -> int:
         settings["task"], settings["data"] = None, a.data
     if a.reward:
         settings["rewards"] = parse_weights(a.reward)
-    settings["task_options"] = {**({"levels": tuple(a.levels)} if a.levels else {}), **({"beyond": True} if a.beyond else {})}
+    options = {"levels": tuple(a.levels)} if a.levels else {}
+    if a.beyond:
+        options["beyond"] = True
+    settings["task_options"] = options
     lora = {k: getattr(a, f"lora_{k}") for k in ("rank", "scale", "dropout", "layers") if getattr(a, f"lora_{k}") is not None}
     if lora:
         settings["lora"] = lora

@@ -15,8 +15,8 @@ def evaluate(model, tokenizer, task: str = "arithmetic", split: str = "heldout",
              max_tokens: int = 400, speed_samples: int = 10, seed: int = 12345) -> dict:
     """Greedy answers to `n` problems of `split`: accuracy, format (one think block, then a boxed answer),
     language consistency; on `speed_samples` of them MTP acceptance and speed-up over plain decoding (drafting
-with all MTP modules, and in `mtp_depths` with the first 1, 2, ... of them), and
-    each MoE layer's max/mean expert load over the generated tokens."""
+    with all MTP modules, and in `mtp_depths` with the first 1, 2, ... of them), and each MoE layer's max/mean
+    expert load over the generated tokens."""
     if task not in TASKS:
         raise ValueError(f"task={task!r}: expected one of {TASKS}")
     examples = list(tasks.generate(n, split=split, seed=seed))

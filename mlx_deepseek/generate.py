@@ -169,7 +169,8 @@ def speculative_step(model: Model, y: mx.array, drafts: mx.array, caches: list, 
     if not static:  # mlx-lm's quantized cache keeps a Python offset
         for c in caches:
             c.trim(depth - int(accepted.item()))
-    new_drafts, offsets, _ = speculate(model, h, targets[None], accepted, [c.offset for c in caches] if static else [], mtp_caches)
+    offsets = [c.offset for c in caches] if static else []
+    new_drafts, offsets, _ = speculate(model, h, targets[None], accepted, offsets, mtp_caches)
     for c, offset in zip(caches if static else [], offsets):
         c.state["offset"] = offset
     return targets, accepted, mx.take(targets, accepted[None]), new_drafts
@@ -425,7 +426,9 @@ def _mtp_tokens(model, prompt, pc: PromptCache, sampler, processors, taker, stat
         return mx.concatenate(targets)
 
     def step(y: mx.array, drafts: mx.array):  # verifies positions n .. n + D
-        return pc.speculate(y, drafts, with_history, compile=False) if processors else pc.speculate(y, drafts, sampler)
+        if processors:
+            return pc.speculate(y, drafts, with_history, compile=False)
+        return pc.speculate(y, drafts, sampler)
 
     history.append(y.item())
     yield [history[-1]]
