@@ -190,9 +190,9 @@ def speculate(model: Model, h: mx.array, targets: mx.array, accepted: mx.array, 
     slots = mx.arange(2 * depth + 1)
     drafts = []
     for k, cache in enumerate(mtp_caches):
-        h, logits = model.mtp_step(h, ahead[:, k : k + depth + 1], k, cache)
+        h, logits = model.mtp_step(h, ahead[:, k : k + depth + 1], k, cache, at=accepted)
         cache.state["offset"] = cache.state["offset"] - drop
-        draft = mx.argmax(mx.take(logits, accepted, axis=1), axis=-1)  # [1]
+        draft = mx.argmax(logits, axis=-1)  # [1]
         ahead = mx.where(slots == accepted + 1 + k, draft, ahead)
         drafts.append(draft)
     return mx.concatenate(drafts), [o - drop for o in offsets], [c.state for c in mtp_caches]
@@ -251,8 +251,8 @@ class PromptCache:
         with the token t_{j+k+1} (`ahead`: t_{j+1} for every prompt position, then each module's draft)."""
         n, drafts = hidden.shape[1], []
         for k, cache in enumerate(self.mtp_cache):
-            hidden, logits = self.model.mtp_step(hidden, ahead[:, k : k + n], k, cache)
-            drafts.append(mx.argmax(logits[:, -1, :], axis=-1))
+            hidden, logits = self.model.mtp_step(hidden, ahead[:, k : k + n], k, cache, at=-1)
+            drafts.append(mx.argmax(logits, axis=-1))
             ahead = mx.concatenate([ahead, drafts[-1][None]], axis=1)
         return mx.concatenate(drafts)
 

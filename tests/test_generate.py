@@ -85,15 +85,15 @@ def test_mtp_speculation_equals_plain_greedy_when_drafts_succeed(v3, monkeypatch
     sequence = PROMPT + plain.tokens
     real = type(model).mtp_step
 
-    def oracle(self, hidden, ahead, k=0, cache=None):
-        h, logits = real(self, hidden, ahead, k, cache)
+    def oracle(self, hidden, ahead, k=0, cache=None, at=None):
+        h, logits = real(self, hidden, ahead, k, cache)  # every position's logits, then the one asked for
         start = int(cache.offset) - logits.shape[1]  # the calls's first pair (h_p, t_{p+1}) drafts t_{p+2}
         for i in range(logits.shape[1]):
             p = start + i
             if p + 2 < len(sequence) and p % 3 == 0:
                 row = mx.full(logits.shape[-1:], -1e9).at[sequence[p + 2]].add(1e9 + 1)
                 logits[:, i] = row
-        return h, logits
+        return h, logits if at is None else logits[:, at]
 
     monkeypatch.setattr(type(model), "mtp_step", oracle)
     spec = generate(model, tok, PROMPT, max_tokens=20, mtp=True, trace=True)
@@ -123,14 +123,14 @@ def test_two_mtp_modules_draft_two_tokens_and_equal_plain_greedy(two_mtp_modules
     sequence = PROMPT + plain.tokens
     real = type(model).mtp_step
 
-    def oracle(self, hidden, ahead, k=0, cache=None):
-        h, logits = real(self, hidden, ahead, k, cache)
+    def oracle(self, hidden, ahead, k=0, cache=None, at=None):
+        h, logits = real(self, hidden, ahead, k, cache)  # every position's logits, then the one asked for
         start = int(cache.offset) - logits.shape[1]  # pair (h^{k-1}_p, t_{p+k+1}) drafts t_{p+k+2}
         for i in range(logits.shape[1]):
             p = start + i
             if p + k + 2 < len(sequence) and p % (4 - k) != 3 - 2 * k:
                 logits[:, i] = mx.full(logits.shape[-1:], -1e9).at[sequence[p + k + 2]].add(1e9 + 1)
-        return h, logits
+        return h, logits if at is None else logits[:, at]
 
     monkeypatch.setattr(type(model), "mtp_step", oracle)
     pc = PromptCache(model)
@@ -139,6 +139,19 @@ def test_two_mtp_modules_draft_two_tokens_and_equal_plain_greedy(two_mtp_modules
     steps = list(generate_tokens(model, PROMPT, max_tokens=24, mtp=True, stats=stats, prompt_cache=pc))
     assert sum(steps, []) == plain.tokens
     assert {len(s) for s in steps[1:-1]} == {1, 2, 3} and 0.3 < stats["accepted"] / stats["drafted"] < 1
+
+
+def test_mtp_logits_at_one_position(v3):
+    """Drafting asks an MTP module for one position's logits (an int or a 0-d array, as inside the compiled
+    step): they equal that row of all positions' logits."""
+    model, _ = v3
+    hidden = model.model(mx.array([PROMPT]))
+    ahead = mx.array([PROMPT[1:] + [9]])
+    _, every = model.mtp_step(hidden, ahead)
+    for at in (-1, 2, mx.array(3)):
+        _, one = model.mtp_step(hidden, ahead, at=at)
+        assert one.shape == (1, every.shape[-1])
+        np.testing.assert_allclose(np.array(one), np.array(every[:, at]), rtol=1e-5, atol=1e-5)
 
 
 def test_drafting_with_fewer_mtp_modules(two_mtp_modules):

@@ -88,13 +88,15 @@ class Model(nn.Module):
             return self.model.embed_tokens.as_linear(hidden)
         return self.lm_head(hidden)
 
-    def mtp_step(self, hidden: mx.array, ahead: mx.array, k: int = 0, cache=None) -> tuple[mx.array, mx.array]:
+    def mtp_step(self, hidden: mx.array, ahead: mx.array, k: int = 0, cache=None, at=None) -> tuple[mx.array, mx.array]:
         """MTP module k (0-based) on the hidden states h^{k-1}_i of the module before it (the main model's final-
         normed ones for k = 0) and the tokens t_{i+k+1}: its own hidden states h^k_i and their logits, for
-        t_{i+k+2}. hidden [B, L, D] and ahead [B, L] are aligned position by position."""
+        t_{i+k+2}. hidden [B, L, D] and ahead [B, L] are aligned position by position. `at` (an int or a 0-d
+        array): the logits of that one position only, [B, vocab] (drafting needs no others: the output head is
+        the widest matrix of a step); None: all of them, [B, L, vocab]."""
         mask = attention_mask(hidden, cache, self.args.uses_mla)
         h = self.mtp[k](hidden, self.model.embed_tokens(ahead), mask, cache)
-        return h, self.logits(h)
+        return h, self.logits(h if at is None else h[:, at])
 
     def set_routing_trace(self, trace) -> None:
         """Attach a RoutingTrace to every MoE layer (main model and MTP), or detach with None."""
