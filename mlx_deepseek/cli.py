@@ -475,12 +475,18 @@ def cmd_eval(a: argparse.Namespace) -> int:
     from .evaluate import evaluate
 
     model, tokenizer = load(a.model)
-    r = evaluate(model, tokenizer, a.task, a.split, a.n, a.batch_size, a.max_tokens, a.speed_samples)
+    r = evaluate(model, tokenizer, a.task, a.split, a.n, a.batch_size, a.max_tokens, a.speed_samples,
+                 samples=a.samples, temperature=a.temp)
     if a.json:
         print(json.dumps(r))
         return 0
     print(f"{a.task} ({a.split}, {r['n']} problems, greedy): accuracy {r['accuracy']:.1%}, format {r['format']:.1%}, "
           f"language {r['language']:.1%}")
+    print("by kind and level: " + ", ".join(f"{k} {v:.0%}" for k, v in r["by_kind"].items()))
+    if a.samples:
+        print(f"sampled (temperature {a.temp}, {a.samples} per problem): pass@1 {r['sampled_accuracy']:.1%}, "
+              f"pass@{a.samples} {r['pass_at_k']:.1%}; by kind: "
+              + ", ".join(f"{k} {v:.0%}" for k, v in r["sampled_by_kind"].items()))
     if "decode_tps" in r:  # measured on --speed-samples of the problems
         print(f"decode {r['decode_tps']:.1f} tok/s")
         for d in r.get("mtp_depths", []):
@@ -560,6 +566,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--batch-size", type=int, default=50)
     ev.add_argument("--max-tokens", type=int, default=400)
     ev.add_argument("--speed-samples", type=int, default=10, help="problems also decoded one by one, with and without MTP")
+    ev.add_argument("--samples", type=int, default=0, metavar="K",
+                    help="also sample K answers per problem: pass@1 over the K samples, and pass@K")
+    ev.add_argument("--temp", type=float, default=1.0, help="temperature of --samples")
     ev.add_argument("--json", action="store_true")
     ev.set_defaults(func=cmd_eval)
 
