@@ -42,11 +42,11 @@ def test_greedy_is_deterministic_and_seeded_sampling_repeats(v3):
 
 
 @pytest.mark.parametrize("mtp", [False, True])
-def test_compiled_steps_sample_like_uncompiled_ones(v3, mtp):
+@pytest.mark.parametrize("hot", [Sampling(temperature=3.0, seed=11), Sampling(temperature=2.0, top_p=0.9, top_k=40, min_p=0.01, seed=4)])
+def test_compiled_steps_sample_like_uncompiled_ones(v3, mtp, hot):
     """Sampling runs inside the compiled decode step with the random state as its input and output: the same
     seed draws the same tokens as the uncompiled step (a traced run), so the state advances every step."""
     model, tok = v3
-    hot = Sampling(temperature=3.0, seed=11)
     compiled = generate(model, tok, PROMPT, max_tokens=24, sampling=hot, mtp=mtp)
     uncompiled = generate(model, tok, PROMPT, max_tokens=24, sampling=hot, mtp=mtp, trace=True)
     assert compiled.tokens == uncompiled.tokens and len(set(compiled.tokens)) > 8
