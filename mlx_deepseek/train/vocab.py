@@ -36,8 +36,9 @@ R1_CHAT_TEMPLATE = (
 
 
 def corpus(n: int = 20000, seed: int = 0) -> list[str]:
-    """Training text for the tokenizer: train-split chat texts plus some hard ones (longer numbers)."""
-    return list(tasks.chat_texts(n, "train", seed)) + list(tasks.chat_texts(max(1, n // 20), "hard", seed))
+    """Training text for the tokenizer: train-split chat texts plus some at the hard levels (longer numbers),
+    from the train side (no evaluated problem)."""
+    return list(tasks.chat_texts(n, "train", seed)) + list(tasks.chat_texts(max(1, n // 20), "train", seed, beyond=True))
 
 
 def train_tokenizer(
