@@ -244,8 +244,14 @@ def cmd_train(a: argparse.Namespace) -> int:
     else:
         from .train.sft import sft, sft_config
 
+        from .train.lora import LoraSettings
+
+        adapters = None
+        if a.finetune != "full":
+            given = {k: getattr(a, f"lora_{k}") for k in ("rank", "scale", "layers") if getattr(a, f"lora_{k}") is not None}
+            adapters = LoraSettings.from_dict({**given, "dora": a.finetune == "dora"})
         out = sft(a.model, a.out, sft_config(**settings), resume=a.resume, progress=not a.no_progress,
-                  grow_mtp=a.grow_mtp)
+                  grow_mtp=a.grow_mtp, adapters=adapters)
     print(f"model written to {out} (metrics in {out.parent / 'metrics.jsonl'})")
     return 0
 
@@ -303,6 +309,11 @@ def _add_train_parser(sub) -> None:
     sft.add_argument("--model", default=None, help="model folder to fine-tune (default: the bundled nano-r1)")
     sft.add_argument("--grow-mtp", type=int, default=None, metavar="D",
                      help="give the model D MTP modules, the new ones copies of its last, and train only those")
+    sft.add_argument("--finetune", default="full", choices=("full", "lora", "dora"),
+                     help="all weights, or LoRA/DoRA adapters on the frozen model (out/adapters; out/model fused)")
+    sft.add_argument("--lora-rank", type=int)
+    sft.add_argument("--lora-scale", type=float)
+    sft.add_argument("--lora-layers", type=int, help="adapt the last N layers (0: all)")
     common(sft)
     _add_grpo_parsers(kinds)
 

@@ -2,6 +2,7 @@
 resume (the same next step as an uninterrupted run), the `train` commands."""
 
 import json
+import shutil
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -13,7 +14,7 @@ from mlx_deepseek import load, load_model
 from mlx_deepseek.cli import main
 from mlx_deepseek.config import ModelArgs
 from mlx_deepseek.models import Model
-from mlx_deepseek.train import balance, tasks
+from mlx_deepseek.train import balance, lora, tasks
 from mlx_deepseek.train.data import PackedBatches, encode_example
 from mlx_deepseek.train.loop import TrainConfig, Trainer, init_weights, masked_cross_entropy, read_metrics
 from mlx_deepseek.train.pretrain import NANO_CONFIG, pretrain
@@ -267,6 +268,32 @@ def test_pretrain_then_resume_then_sft(tok_dir, tmp_path):
     assert any(not np.array_equal(after[n], before["mtp.0." + n[6:]]) for n in grown)
     with pytest.raises(ValueError, match="must exceed"):
         sft(deep_out, tmp_path / "again", sft_config(steps=1, **FAST), progress=False, grow_mtp=2)
+
+
+def test_sft_with_lora_adapters_and_resume(tok_dir, tmp_path):
+    """train sft --finetune lora: only adapters train (the MTP modules and router biases stay), checkpoints hold the
+    adapters and resume from them, out/model is the base with the adapters fused in, out/adapters fuses onto it."""
+    base = pretrain(tmp_path / "pre", TrainConfig(steps=1, **FAST), config=TINY, tokenizer=tok_dir, progress=False)
+    args = ["train", "sft", "--model", str(base), "--steps", "2", "--batch", "4", "--seq-len", "48", "--warmup", "1",
+            "--log-every", "1", "--eval-every", "0", "--save-every", "1", "--no-compile", "--no-progress",
+            "--finetune", "lora", "--lora-rank", "4"]
+    assert main(args + ["--out", str(tmp_path / "a")]) == 0
+    before, after = params(load(base)[0]), params(load(tmp_path / "a" / "model")[0])
+    assert set(before) == set(after)
+    changed = {n for n in before if not np.array_equal(before[n], after[n])}
+    assert changed and all(n.startswith("model.layers.") for n in changed)  # MTP modules, embeddings, biases kept
+    assert not any("e_score_correction_bias" in n for n in changed)
+    assert (tmp_path / "a" / "checkpoints" / "step-0000001" / lora.ADAPTER_FILE).exists()
+    fused = tmp_path / "fused"
+    assert main(["fuse", "--model", str(base), "--adapters", str(tmp_path / "a" / "adapters"), "--out", str(fused)]) == 0
+    np.testing.assert_allclose(params(load(fused)[0])["model.layers.0.self_attn.o_proj.weight"],
+                               after["model.layers.0.self_attn.o_proj.weight"], atol=1e-6)
+    # a run cut after step 1 and resumed from its step-1 adapters ends where the straight one did
+    for gone in ("model", "adapters", "checkpoints/step-0000002"):
+        shutil.rmtree(tmp_path / "a" / gone)
+    assert main(args + ["--out", str(tmp_path / "a"), "--resume"]) == 0
+    resumed = params(load(tmp_path / "a" / "model")[0])
+    assert all(np.allclose(resumed[n], after[n], atol=1e-6) for n in after)
 
 
 def test_train_commands(tok_dir, tmp_path):

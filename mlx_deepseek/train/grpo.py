@@ -613,17 +613,7 @@ class GRPOTrainer(Trainer):
         """Greedy answers to the held-out rows: accuracy, format, language (the built-in rewards' means)."""
         return evaluate_rows(self.model, self.tokenizer, self.eval_rows(), self.cfg.eval_max_tokens)
 
-    # ---- checkpoints (the loop's, with adapters for LoRA) ---------------------------------------------------
-    def _write_model(self, folder: Path) -> None:
-        if self.lora is None:
-            return super()._write_model(folder)
-        lora.save_adapters(self.model, folder, self.lora)
-
-    def _read_model(self, folder: Path) -> None:
-        if self.lora is None:
-            return super()._read_model(folder)
-        self.model.load_weights(list(mx.load(str(folder / lora.ADAPTER_FILE)).items()), strict=False)
-
+    # ---- checkpoints (the loop's; adapters for LoRA) -------------------------------------------------------
     def _build_step(self):
         return None  # GRPO's step is train_step (not one compiled graph); the loop's resume rebuilds with this
 
@@ -642,16 +632,6 @@ class GRPOTrainer(Trainer):
         state["reward_errors"] = self.reward_set.errors
         (path / STATE_FILE).write_text(json.dumps(state))
         return path
-
-    def save_final(self) -> Path:
-        """out/model (LoRA: adapters fused in, float) and, for LoRA, out/adapters (rank 0 writes)."""
-        if self.lora is not None and self.main:
-            with atomic_folder(self.out / "adapters") as tmp:
-                lora.save_adapters(self.model, tmp, self.lora)
-                (tmp / "base_model.txt").write_text(str(getattr(self, "base_path", "")))
-            lora.fuse(self.model, dequantize=True)
-            self.lora = None
-        return super().save_final()
 
     # ---- the loop ---------------------------------------------------------------------------------------
     def run(self, resume: bool = False) -> Path:

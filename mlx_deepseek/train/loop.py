@@ -34,7 +34,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from .. import parallel
 from ..weights import atomic_folder, save_model
-from . import balance
+from . import balance, lora
 from .data import PackedBatches
 
 # Training state lives in a subfolder, so that loaders globbing *.safetensors see only the model.
@@ -137,9 +137,11 @@ class Trainer:
     def __init__(
         self, model, tokenizer, cfg: TrainConfig, out: str | Path, progress: bool = True,
         tokenizer_dir: Optional[Path] = None, group: Optional[mx.distributed.Group] = None,
+        adapters: Optional[lora.LoraSettings] = None,
     ):
         """tokenizer_dir: a folder whose tokenizer files every saved model folder gets a copy of.
-        group: data parallelism over its ranks (each trains on its rows of every batch; rank 0 writes)."""
+        group: data parallelism over its ranks (each trains on its rows of every batch; rank 0 writes).
+        adapters: train LoRA/DoRA adapters (the model frozen under them) instead of all weights."""
         cfg.check()
         self.group = parallel.active(group)
         self.main = self.group is None or self.group.rank() == 0
@@ -155,6 +157,10 @@ class Trainer:
         needs_inputs = bool(cfg.seq_aux_alpha or cfg.expert_aux_alpha or cfg.device_aux_alpha)
         if needs_inputs and cfg.device_aux_alpha and self.n_experts % cfg.n_devices:
             raise ValueError(f"n_devices={cfg.n_devices} must divide n_routed_experts={self.n_experts}")
+        self.lora = adapters
+        if adapters is not None and not lora.has_adapters(model):
+            mx.random.seed(cfg.seed)  # the adapters' A matrices are drawn: a run is a function of its seed
+            lora.apply_lora(model, adapters)
         self.trace = balance.attach(model, record_inputs=needs_inputs) if self.moe else None
         balance.freeze_bias(model)
         model.train()
@@ -294,6 +300,9 @@ class Trainer:
         return final
 
     def _write_model(self, folder: Path) -> None:
+        """A checkpoint's model: the weights, or with adapters only the adapters."""
+        if self.lora is not None:
+            return lora.save_adapters(self.model, folder, self.lora)
         save_model(self.model, folder, self.args.to_dict())
         from .vocab import copy_tokenizer
 
@@ -326,6 +335,8 @@ class Trainer:
 
     def _read_model(self, folder: Path) -> None:
         """The trained weights from a checkpoint folder (what `_write_model` wrote)."""
+        if self.lora is not None:
+            return self.model.load_weights(list(mx.load(str(folder / lora.ADAPTER_FILE)).items()), strict=False)
         from ..weights import read_weights
 
         self.model.load_weights(list(read_weights(folder, self.args, mx.float32).items()))
@@ -339,10 +350,17 @@ class Trainer:
         path.write_text("".join(line + "\n" for line in keep))
 
     def save_final(self) -> Path:
-        """out/model: the trained model folder (no optimizer state), written atomically."""
+        """out/model: the trained model folder (no optimizer state; adapters fused in, float), written atomically;
+        with adapters also out/adapters (for `mlx-deepseek fuse` onto another copy of the base). Rank 0 writes."""
         final = self.out / "model"
         if not self.main:
             return final
+        if self.lora is not None:
+            with atomic_folder(self.out / "adapters") as tmp:
+                lora.save_adapters(self.model, tmp, self.lora)
+                (tmp / "base_model.txt").write_text(str(getattr(self, "base_path", "")))
+            lora.fuse(self.model, dequantize=True)
+            self.lora = None
         with atomic_folder(final) as tmp:
             self._write_model(tmp)
         return final

@@ -4,6 +4,10 @@ assistant's tokens only (`<think>` trace, answer, EOS); the prompt tokens are co
 Same loop as pretraining (`loop.Trainer` with `mask_prompt=True`): MTP loss, bias balancing, checkpoints,
 resume. The model folder's tokenizer is used and copied into every saved folder.
 
+`adapters` (LoRA/DoRA settings) trains adapters on the frozen model instead of all its weights (a gentler
+fine-tune: it moves the model less, and forgets less of what pretraining taught); out/model has them fused in,
+out/adapters holds them.
+
 `grow_mtp=D` trains new MTP modules onto a finished model instead: the model gets D sequential modules (V3
 §2.2), each new one starting as a copy of the last, and only the new ones train (the main model, the old
 modules and every router bias stay as they are), so speculative decoding can draft D tokens a step.
@@ -21,6 +25,7 @@ from mlx.utils import tree_flatten
 from ..loading import load_model, resolve
 from ..models import Model
 from ..tokenizer import load_tokenizer
+from .lora import LoraSettings
 from .loop import STATE_FILE, TrainConfig, Trainer
 
 SFT_DEFAULTS = {"lr": 1e-3, "warmup": 20, "steps": 500, "mask_prompt": True}
@@ -38,6 +43,7 @@ def sft(
     resume: bool = False,
     progress: bool = True,
     grow_mtp: Optional[int] = None,
+    adapters: Optional[LoraSettings] = None,
 ) -> Path:
     """Fine-tune the model at `model_path` (None: the bundled model) into `out`; returns out/model."""
     cfg = replace(cfg or sft_config(), mask_prompt=True)
@@ -49,10 +55,14 @@ def sft(
     if model.args.quantization is not None:
         raise ValueError(f"{folder}: a quantized model; fine-tune the float checkpoint (or dequantize it first)")
     tok = load_tokenizer(folder)
+    if grow_mtp is not None and adapters is not None:
+        raise ValueError("grow_mtp trains whole new MTP modules; leave out the adapters (--finetune lora)")
     if grow_mtp is not None:
         model = with_mtp_modules(model, grow_mtp, folder)
+    if grow_mtp is not None or adapters is not None:
         cfg = replace(cfg, bias_gamma=0.0)  # the bias update would move the frozen main model's routers
-    trainer = Trainer(model, tok, cfg, out, progress=progress, tokenizer_dir=folder)
+    trainer = Trainer(model, tok, cfg, out, progress=progress, tokenizer_dir=folder, adapters=adapters)
+    trainer.base_path = folder
     return trainer.run(resume=resume)
 
 
