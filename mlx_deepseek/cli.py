@@ -248,8 +248,7 @@ def cmd_train(a: argparse.Namespace) -> int:
 
         adapters = None
         if a.finetune != "full":
-            given = {k: getattr(a, f"lora_{k}") for k in ("rank", "scale", "layers") if getattr(a, f"lora_{k}") is not None}
-            adapters = LoraSettings.from_dict({**given, "dora": a.finetune == "dora"})
+            adapters = LoraSettings.from_dict({**_lora_flags(a), "dora": a.finetune == "dora"})
         out = sft(a.model, a.out, sft_config(**settings), resume=a.resume, progress=not a.no_progress,
                   grow_mtp=a.grow_mtp, adapters=adapters)
     print(f"model written to {out} (metrics in {out.parent / 'metrics.jsonl'})")
@@ -309,11 +308,7 @@ def _add_train_parser(sub) -> None:
     sft.add_argument("--model", default=None, help="model folder to fine-tune (default: the bundled nano-r1)")
     sft.add_argument("--grow-mtp", type=int, default=None, metavar="D",
                      help="give the model D MTP modules, the new ones copies of its last, and train only those")
-    sft.add_argument("--finetune", default="full", choices=("full", "lora", "dora"),
-                     help="all weights, or LoRA/DoRA adapters on the frozen model (out/adapters; out/model fused)")
-    sft.add_argument("--lora-rank", type=int)
-    sft.add_argument("--lora-scale", type=float)
-    sft.add_argument("--lora-layers", type=int, help="adapt the last N layers (0: all)")
+    _adapter_args(sft, "full", "all weights, or LoRA/DoRA adapters on the frozen model (out/adapters; out/model fused)")
     common(sft)
     _add_grpo_parsers(kinds)
 
@@ -331,7 +326,7 @@ def cmd_grpo(a: argparse.Namespace) -> int:
     if a.beyond:
         options["beyond"] = True
     settings["task_options"] = options
-    lora = {k: getattr(a, f"lora_{k}") for k in ("rank", "scale", "dropout", "layers") if getattr(a, f"lora_{k}") is not None}
+    lora = _lora_flags(a)
     if lora:
         settings["lora"] = lora
     for flag in ("mask_truncated",):
@@ -375,6 +370,20 @@ _GRPO_SETTINGS = (  # flag -> GRPOConfig field
 )
 
 
+def _adapter_args(p: argparse.ArgumentParser, default: Optional[str], help: str) -> None:
+    """--finetune and the adapters' --lora-* settings (train sft, train grpo)."""
+    p.add_argument("--finetune", default=default, choices=("full", "lora", "dora"), help=help)
+    p.add_argument("--lora-rank", type=int)
+    p.add_argument("--lora-scale", type=float)
+    p.add_argument("--lora-dropout", type=float)
+    p.add_argument("--lora-layers", type=int, help="adapt the last N layers (0: all)")
+
+
+def _lora_flags(a: argparse.Namespace) -> dict:
+    """The --lora-* settings given (LoraSettings fields)."""
+    return {k: getattr(a, f"lora_{k}") for k in ("rank", "scale", "dropout", "layers") if getattr(a, f"lora_{k}") is not None}
+
+
 def _add_grpo_parsers(kinds) -> None:
     g = kinds.add_parser("grpo", help="GRPO with rule-based rewards (the R1 recipe): LoRA/DoRA or full")
     g.add_argument("--model", default=None, help="model folder to train (default: the bundled nano-r1)")
@@ -403,11 +412,7 @@ def _add_grpo_parsers(kinds) -> None:
     g.add_argument("--reward", action="append", help="NAME[=WEIGHT] (repeatable): accuracy, format, language or "
                    "a function of --reward-file")
     g.add_argument("--reward-file", help="Python file with reward functions fn(completion, example) -> float")
-    g.add_argument("--finetune", choices=("lora", "dora", "full"))
-    g.add_argument("--lora-rank", type=int)
-    g.add_argument("--lora-scale", type=float)
-    g.add_argument("--lora-dropout", type=float)
-    g.add_argument("--lora-layers", type=int, help="adapt the last N layers (0: all)")
+    _adapter_args(g, None, "LoRA (the default), DoRA adapters or all weights")
     g.add_argument("--keep-quantized", action="store_true", help="LoRA on the quantized weights (default: float32)")
     g.add_argument("--bias-gamma", type=float, help="move the router bias by the expert load (0: frozen)")
     g.add_argument("--lr", type=float)

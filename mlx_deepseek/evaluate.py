@@ -79,14 +79,15 @@ def _scores(model, tokenizer, examples, prompts, batch_size: int, max_tokens: in
             sampling: Optional[Sampling] = None) -> list:
     """tasks.score of each problem's greedy answer, or (samples k > 0) a list of its k sampled answers' scores;
     batches of about batch_size rows (k rows per problem)."""
-    per_batch = max(1, batch_size // max(samples, 1))
+    k = max(samples, 1)  # answers per problem
+    per_batch = max(1, batch_size // k)
     out = []
     for i in range(0, len(prompts), per_batch):
         chunk = examples[i : i + per_batch]
-        results = batch_generate(model, tokenizer, prompts[i : i + per_batch], n=max(samples, 1), max_tokens=max_tokens,
+        results = batch_generate(model, tokenizer, prompts[i : i + per_batch], n=k, max_tokens=max_tokens,
                                  sampling=sampling)
-        rows = [tasks.score(chunk[j // max(samples, 1)], r.text) for j, r in enumerate(results)]
-        out += rows if not samples else [rows[j : j + samples] for j in range(0, len(rows), samples)]
+        rows = [tasks.score(chunk[j // k], r.text) for j, r in enumerate(results)]
+        out += rows if not samples else [rows[j : j + k] for j in range(0, len(rows), k)]
     return out
 
 

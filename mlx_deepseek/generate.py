@@ -165,21 +165,19 @@ def speculative_step(model: Model, y: mx.array, drafts: mx.array, caches: list, 
     h = model.model(mx.concatenate([y, drafts])[None], caches)
     targets = sample(model.logits(h)[0])
     accepted = mx.cumprod((drafts == targets[:depth]).astype(mx.int32)).sum()
-    static = isinstance(caches[0], StaticKVCache)
-    if not static:  # mlx-lm's quantized cache keeps a Python offset
-        for c in caches:
-            c.trim(depth - int(accepted.item()))
-    offsets = [c.offset for c in caches] if static else []
-    new_drafts, offsets, _ = speculate(model, h, targets[None], accepted, offsets, mtp_caches)
-    for c, offset in zip(caches if static else [], offsets):
-        c.state["offset"] = offset
-    return targets, accepted, mx.take(targets, accepted[None]), new_drafts
+    drop = depth - accepted  # verified positions not kept
+    for c in caches:
+        if isinstance(c, StaticKVCache):
+            c.state["offset"] = c.offset - drop
+        else:  # mlx-lm's quantized cache keeps a Python offset
+            c.trim(int(drop.item()))
+    return targets, accepted, mx.take(targets, accepted[None]), speculate(model, h, targets[None], accepted, mtp_caches)
 
 
-def speculate(model: Model, h: mx.array, targets: mx.array, accepted: mx.array, offsets: list, mtp_caches: list):
+def speculate(model: Model, h: mx.array, targets: mx.array, accepted: mx.array, mtp_caches: list) -> mx.array:
     """After verifying [t_n, d_1 .. d_D] (D: the drafting MTP modules) with sampled targets T_1 .. T_{D+1}, of
-    which the first `accepted` equalled the drafts: keep 1 + accepted positions in the main caches (their
-    offsets) and in every MTP module's cache, and draft the next D tokens. Module k runs on the step's D + 1
+    which the first `accepted` equalled the drafts: keep 1 + accepted positions in every MTP module's cache and
+    return the next D drafts. Module k runs on the step's D + 1
     positions n + j: its hidden input is module k-1's output (the main model's for k = 0) and its token the one
     k + 1 places ahead, a verified target where there is one, else a draft of this step; its draft is its
     argmax at the last kept position. Pure array arithmetic: no host sync, so the next step can be queued."""
@@ -195,7 +193,7 @@ def speculate(model: Model, h: mx.array, targets: mx.array, accepted: mx.array, 
         draft = mx.argmax(logits, axis=-1)  # [1]
         ahead = mx.where(slots == accepted + 1 + k, draft, ahead)
         drafts.append(draft)
-    return mx.concatenate(drafts), [o - drop for o in offsets], [c.state for c in mtp_caches]
+    return mx.concatenate(drafts)
 
 
 def compiled_steps(model: Model) -> CompiledSteps:

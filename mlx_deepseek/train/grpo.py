@@ -361,10 +361,7 @@ class GRPOTrainer(Trainer):
         self.args = model.args
         self.n_experts = self.args.n_routed_experts or 0
         self.moe = balance.moe_layers(model)
-        self.lora = cfg.lora_settings if cfg.finetune in ("lora", "dora") else None
-        if self.lora is not None and not lora.has_adapters(model):
-            mx.random.seed(cfg.seed)  # the adapters' A matrices are drawn: a run is a function of its seed
-            lora.apply_lora(model, self.lora)
+        self._adapt(model, cfg.lora_settings if cfg.finetune in ("lora", "dora") else None, cfg.seed)
         balance.freeze_bias(model)
         if self.lora is None:  # full fine-tuning: the MTP module gets no gradient from GRPO; keep it fixed
             for m in model.mtp:
@@ -613,7 +610,7 @@ class GRPOTrainer(Trainer):
         """Greedy answers to the held-out rows: accuracy, format, language (the built-in rewards' means)."""
         return evaluate_rows(self.model, self.tokenizer, self.eval_rows(), self.cfg.eval_max_tokens)
 
-    # ---- checkpoints (the loop's; adapters for LoRA) -------------------------------------------------------
+    # ---- checkpoints (the loop's, adapters included) ---------------------------------------------------------
     def _build_step(self):
         return None  # GRPO's step is train_step (not one compiled graph); the loop's resume rebuilds with this
 

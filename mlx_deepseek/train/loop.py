@@ -157,10 +157,7 @@ class Trainer:
         needs_inputs = bool(cfg.seq_aux_alpha or cfg.expert_aux_alpha or cfg.device_aux_alpha)
         if needs_inputs and cfg.device_aux_alpha and self.n_experts % cfg.n_devices:
             raise ValueError(f"n_devices={cfg.n_devices} must divide n_routed_experts={self.n_experts}")
-        self.lora = adapters
-        if adapters is not None and not lora.has_adapters(model):
-            mx.random.seed(cfg.seed)  # the adapters' A matrices are drawn: a run is a function of its seed
-            lora.apply_lora(model, adapters)
+        self._adapt(model, adapters, cfg.seed)
         self.trace = balance.attach(model, record_inputs=needs_inputs) if self.moe else None
         balance.freeze_bias(model)
         model.train()
@@ -175,6 +172,13 @@ class Trainer:
         )
         self._eval_batch = None
         self._step_fn = self._build_step()
+
+    def _adapt(self, model, adapters: Optional[lora.LoraSettings], seed: int) -> None:
+        """Train `adapters` (None: all weights): wrap the model's projections unless it has adapters already."""
+        self.lora = adapters
+        if adapters is not None and not lora.has_adapters(model):
+            mx.random.seed(seed)  # the adapters' A matrices are drawn: a run is a function of its seed
+            lora.apply_lora(model, adapters)
 
     # ---- the step ------------------------------------------------------------------------------
     def loss(self, model, ids: mx.array, mask: mx.array, counts: Optional[mx.array] = None):

@@ -101,7 +101,6 @@ class Example:
         return self.prompt_text + self.completion
 
 
-
 # ---- splits ------------------------------------------------------------------------------------
 def problem_hash(problem: Problem) -> int:
     return int.from_bytes(hashlib.sha256(problem.key.encode()).digest()[:8], "big")
