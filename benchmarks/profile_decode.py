@@ -3,6 +3,9 @@ compiled speculative (MTP) step at each depth, and the whole token loop at each 
 
     python benchmarks/profile_decode.py --model runs/mtp2 [--steps 200] [--context 300]
 
+The prompt is a short arithmetic question when the folder has a tokenizer, else 18 fixed token ids (a checkpoint
+made by `bench generate`'s `random_checkpoint` has none).
+
 Steps are chained the way decoding chains them (each queued with async_eval, read only at the end), and the cache
 offsets are moved back after each step, so every timed step sees the same context. On a GPU a step is host-bound:
 the times are per-operation overhead, which is what MTP's extra tokens per step must beat.
@@ -10,10 +13,12 @@ the times are per-operation overhead, which is what MTP's extra tokens per step 
 
 import argparse
 import time
+from pathlib import Path
 
 import mlx.core as mx
 
 from mlx_deepseek import load
+from mlx_deepseek.loading import load_model
 from mlx_deepseek.generate import PromptCache, _sampler, compiled_steps, generate_tokens
 from mlx_deepseek.models.cache import StaticKVCache
 
@@ -56,8 +61,11 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--context", type=int, default=300, help="cache capacity beyond the prompt")
     a = p.parse_args()
-    model, tokenizer = load(a.model)
-    prompt = tokenizer.encode("<｜User｜>What is 4821 + 377?<｜Assistant｜><think>\n")
+    if (Path(a.model) / "tokenizer.json").exists():
+        model, tokenizer = load(a.model)
+        prompt = tokenizer.encode("<｜User｜>What is 4821 + 377?<｜Assistant｜><think>\n")
+    else:
+        model, prompt = load_model(a.model), list(range(3, 21))
     print(f"{mx.default_device()}, {a.model}, {len(model.layers)} layers, {len(model.mtp)} MTP module(s)")
 
     pc, _ = prefilled(model, prompt, a.context)
