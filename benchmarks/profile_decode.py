@@ -48,11 +48,10 @@ def prefilled(model, prompt: list[int], context: int, depth: int = 0) -> tuple[P
     return pc, hidden
 
 
-def rewound(caches: list, states: list, n: int) -> list:
-    """The states with their offsets moved back by n (the step's tokens forgotten)."""
+def rewind(caches: list, states: list, n: int) -> None:
+    """Give the caches these states with their offsets moved back by n (the step's tokens forgotten)."""
     for c, s in zip(caches, states):
         c.state = dict(s, offset=s["offset"] - n)
-    return [c.state for c in caches]
 
 
 def main() -> None:
@@ -74,7 +73,7 @@ def main() -> None:
 
     def plain():
         token, states = step(y, [c.state for c in pc.cache])
-        rewound(pc.cache, states, 1)
+        rewind(pc.cache, states, 1)
         return token
 
     print(f"plain step (head and sampling included)  {per_call_ms(plain, a.steps):7.3f} ms")
@@ -90,7 +89,7 @@ def main() -> None:
 
         def run():
             total, states = forward(tokens, [c.state for c in pc.cache])
-            rewound(pc.cache, states, n)
+            rewind(pc.cache, states, n)
             return total
 
         print(f"forward pass on {n} token(s), no head      {per_call_ms(run, a.steps):7.3f} ms")
@@ -103,15 +102,15 @@ def main() -> None:
         def speculative():
             targets, accepted, current["y"], current["drafts"] = pc.speculate(current["y"], current["drafts"], GREEDY)
             kept = accepted + 1
-            rewound(pc.cache, [c.state for c in pc.cache], kept)
-            rewound(pc.mtp_cache, [c.state for c in pc.mtp_cache], kept)
+            for caches in (pc.cache, pc.mtp_cache):
+                rewind(caches, [c.state for c in caches], kept)
             return targets
 
         print(f"speculative step, {depth} draft(s)              {per_call_ms(speculative, a.steps):7.3f} ms")
 
     for depth in range(len(model.mtp) + 1):
         stats: dict = {}
-        for trial in range(2):  # the first compiles
+        for _ in range(2):  # the first compiles
             tic, got = time.perf_counter(), 0
             for new in generate_tokens(model, prompt, max_tokens=a.context, mtp=depth, stats=stats):
                 got += len(new)

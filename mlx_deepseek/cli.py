@@ -242,9 +242,8 @@ def cmd_train(a: argparse.Namespace) -> int:
         out = pretrain(a.out, TrainConfig.from_dict(settings), config=a.config, tokenizer=a.tokenizer,
                        resume=a.resume, progress=not a.no_progress)
     else:
-        from .train.sft import sft, sft_config
-
         from .train.lora import LoraSettings
+        from .train.sft import sft, sft_config
 
         adapters = None
         if a.finetune != "full":
