@@ -104,14 +104,14 @@ class MultiHeadLatentAttention(nn.Module):
             pe_scores = mx.where(mask, pe_scores, mx.array(mx.finfo(pe_scores.dtype).min, pe_scores.dtype))
 
         if L < self.absorb_below:  # absorbed: attend in the latent space, then project out with W_UV
-            # c_KV is one key/value head shared by all query heads, so the L query rows fold into the head axis:
-            # H * L single-row attentions over the same keys (as FlashMLA decodes). Verifying MTP drafts then
-            # takes the same one-row attention kernels as decoding one token (CUDA would otherwise build a
-            # cuDNN call for every multi-row one).
-            q_lat = self.embed_q(q_nope).reshape(B, self.n_heads * L, 1, self.kv_lora_rank)
-            pe_scores = pe_scores.reshape(B, self.n_heads * L, 1, -1)
-            out = mx.fast.scaled_dot_product_attention(q_lat, c_kv, c_kv, scale=self.scale, mask=pe_scores)
-            out = self.unembed_out(out.reshape(B, self.n_heads, L, self.kv_lora_rank))
+            # c_KV is one key/value head shared by all query heads, so the H x L query rows are the rows of one
+            # matrix (as FlashMLA decodes): two plain matmuls and a softmax. MLX's attention kernels would take
+            # this (an additive mask, a 512-wide head on V2/V3) as a cuDNN call on CUDA or as the same chain
+            # with the keys broadcast over the heads.
+            rows = (B, 1, self.n_heads * L, -1)
+            scores = (self.embed_q(q_nope).reshape(rows) @ c_kv.swapaxes(-1, -2)) * self.scale
+            probs = mx.softmax(scores + pe_scores.reshape(rows), axis=-1, precise=True)
+            out = self.unembed_out((probs @ c_kv).reshape(B, self.n_heads, L, self.kv_lora_rank))
         else:  # expanded: per-head keys and values from the latent
             k_nope = self.embed_q(c_kv, transpose=False)
             v = self.unembed_out(c_kv)
