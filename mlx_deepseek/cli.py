@@ -363,7 +363,7 @@ def cmd_distill(a: argparse.Namespace) -> int:
 
 _GRPO_SETTINGS = (  # flag -> GRPOConfig field
     "steps", "prompts_per_step", "group_size", "max_completion_tokens", "temperature", "top_p", "loss_type",
-    "scale_rewards", "beta", "epsilon", "epsilon_high", "mu", "resample_zero_std", "lr", "warmup", "min_lr_ratio",
+    "scale_rewards", "beta", "epsilon", "epsilon_high", "mu", "resample_zero_std", "skip_settled", "lr", "warmup", "min_lr_ratio",
     "weight_decay", "grad_clip", "finetune", "bias_gamma", "reward_file", "task", "split", "data_seed", "seed",
     "eval_every", "eval_split", "eval_data", "eval_n", "eval_max_tokens", "log_every", "save_every", "max_minutes",
 )
@@ -389,7 +389,7 @@ def _add_grpo_parsers(kinds) -> None:
     g.add_argument("--out", required=True, help="run folder: checkpoints/, metrics.jsonl, model/, adapters/")
     src = g.add_mutually_exclusive_group()
     src.add_argument("--task", choices=("arithmetic",), help="prompts from the synthetic task (the default)")
-    src.add_argument("--data", help="prompts from a JSONL file (prompt, answer, optional lang)")
+    src.add_argument("--data", help="prompts from a JSONL file (prompt, answer, optional lang and bucket)")
     g.add_argument("--split", choices=("train", "heldout", "hard"), help="task split of the prompts")
     g.add_argument("--levels", type=int, nargs=2, metavar=("LO", "HI"), help="task difficulty levels (digits)")
     g.add_argument("--beyond", action="store_true",
@@ -408,6 +408,9 @@ def _add_grpo_parsers(kinds) -> None:
     g.add_argument("--mu", type=int, help="optimizer updates per rollout batch")
     g.add_argument("--mask-truncated", action="store_true", help="no loss on completions cut at the length limit")
     g.add_argument("--resample-zero-std", type=int, help="rounds of fresh prompts replacing zero-variance groups")
+    g.add_argument("--skip-settled", type=int, metavar="K", help="online difficulty filter: skip the prompts of a "
+                   "bucket (task kind and level, or a JSONL row's bucket) whose last K groups' rewards all agreed, "
+                   "but for one probe in K (0: off)")
     g.add_argument("--reward", action="append", help="NAME[=WEIGHT] (repeatable): accuracy, format, language or "
                    "a function of --reward-file")
     g.add_argument("--reward-file", help="Python file with reward functions fn(completion, example) -> float")

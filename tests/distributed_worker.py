@@ -111,6 +111,33 @@ def grpo_step(folder: str, case: str, group):
     return {f"{i}/{k}": np.array(v) for i, (g, _) in enumerate(grads) for k, v in tree_flatten(g)}, row, params
 
 
+def filter_steps(folder: str, group, steps: int = 3):
+    """Three GRPO steps with the difficulty filter on fixed rollouts in which addition and multiplication groups all
+    score alike (their buckets settle): (each rollout call's prompts, the filter's state, the stream position, the
+    prompts skipped per step)."""
+    from mlx_deepseek.train import grpo as G
+
+    model, tok, _ = G.load_for_training(folder)
+    cfg = G.GRPOConfig(**GRPO_RUN, loss_type="grpo", skip_settled=2, resample_zero_std=1)
+    tr = G.GRPOTrainer(model, tok, cfg, "/tmp/unused", progress=False, group=group)
+    seen, real = [], G.rollout
+
+    def settling(model, tokenizer, rows, cfg, reward_set):
+        seen.append([r["prompt"] for r in rows])
+        groups, info = fixed_rollout(model, tokenizer, rows, cfg, reward_set)
+        for g in groups:
+            if g.row["kind"] in ("add", "mul"):
+                g.rewards = np.ones_like(g.rewards)
+        return groups, info
+
+    G.rollout = settling
+    try:
+        skipped = [tr.train_step()["skipped"] for _ in range(steps)]
+    finally:
+        G.rollout = real
+    return seen, tr.filter.state(), tr.data.position, skipped
+
+
 def grpo_job(folder: str, runs: str, out: dict, group) -> None:
     """The fixed-rollout steps, then real rollouts: run a (2 steps) and run b (1 step, then resumed to 2)."""
     from mlx_deepseek.parallel import global_sum
@@ -121,6 +148,8 @@ def grpo_job(folder: str, runs: str, out: dict, group) -> None:
         out[f"grpo:{case}/row"] = json.dumps({k: v for k, v in row.items() if isinstance(v, (int, float))})
         out.update({f"grpo:{case}/grad/{k}": v for k, v in grads.items()})
         out.update({f"grpo:{case}/param/{k}": v for k, v in params.items()})
+    seen, state, position, skipped = filter_steps(folder, group)
+    out["grpo/filter"] = json.dumps({"seen": seen, "state": state, "position": position, "skipped": skipped})
     seen, real = [], G.rollout
 
     def recording(model, tok, rows, cfg, reward_set):

@@ -15,7 +15,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from conftest import FIXTURES, write_tokenizer
-from distributed_worker import GRPO_CASES, GRPO_RUN, grpo_step
+from distributed_worker import GRPO_CASES, GRPO_RUN, filter_steps, grpo_step
 from mlx.utils import tree_flatten
 
 from mlx_deepseek import load_model
@@ -205,6 +205,17 @@ def test_data_parallel_grpo_step_equals_single_process_step(ranks, grpo_model, c
         assert worst < 1e-5, (case, worst)
     moved = [k for k, v in params.items() if k not in base or np.abs(v - base[k]).max() > 1e-4]
     assert any(k.endswith("lora_b") for k in moved)
+
+
+def test_the_difficulty_filter_agrees_across_ranks(ranks, grpo_model):
+    """Every rank's filter learns every rank's outcomes: the ranks skip the same prompts as one process (on the
+    same fixed rollouts), and together roll out the prompts it rolls out."""
+    seen, state, position, skipped = filter_steps(str(grpo_model), None)
+    assert sum(skipped) > 0
+    got = [json.loads(str(rank["grpo/filter"])) for rank in ranks]
+    for g in got:
+        assert g["state"] == state and g["position"] == position and g["skipped"] == skipped
+    assert sorted(p for g in got for call in g["seen"] for p in call) == sorted(p for call in seen for p in call)
 
 
 def test_grpo_ranks_roll_out_their_own_prompts_and_resume(ranks, grpo_runs):

@@ -17,7 +17,7 @@ from mlx_lm.models.switch_layers import SwitchLinear
 from mlx_deepseek.cli import main
 from mlx_deepseek.train import lora, tasks
 from mlx_deepseek.train.grpo import (
-    GRPOConfig, GRPOTrainer, PromptStream, RolloutBatch, completion_logps, group_advantages, load_for_training,
+    DifficultyFilter, GRPOConfig, GRPOTrainer, PromptStream, RolloutBatch, completion_logps, group_advantages, load_for_training,
     policy_loss,
 )
 from mlx_deepseek.train.loop import read_metrics
@@ -214,6 +214,29 @@ def test_zero_variance_groups_are_counted_and_resampled(tiny_folder, tmp_path, m
     # a random tiny model answers nothing right: every group has zero variance, so two more rounds were drawn
     assert batch.zero_std_frac == 1.0 and len(calls) == 6 and tr.data.position == 6  # 3 rounds x 2 groups
     assert np.all(batch.advantages == 0) and len(batch.drawn) == 18  # every rollout drawn is kept for the means
+
+
+def test_the_difficulty_filter_skips_settled_buckets_and_resumes(tiny_folder, tmp_path, monkeypatch):
+    f = DifficultyFilter(2)
+    assert all(f.admits(r) for r in [{"bucket": "a"}, {"bucket": "a"}, {"bucket": "b"}, {}])
+    f.record([{"bucket": "a"}, {"bucket": "a"}, {"bucket": "b"}], [True, True, False])
+    assert f.agreeing == {"a": 2, "b": 0}
+    assert [f.admits({"bucket": "a"}) for _ in range(4)] == [False, True, False, True]  # one probe in 2
+    assert f.admits({"bucket": "b"}) and f.admits({}) and f.take_skipped() == 2 and f.take_skipped() == 0
+    f.record([{"bucket": "a"}], [False])  # a probe whose rewards varied: the bucket comes back
+    assert f.admits({"bucket": "a"}) and f.take_skipped() == 0
+    with pytest.raises(ValueError, match="skip_settled=1"):
+        GRPOConfig(skip_settled=1).check()
+    # in the trainer: every group's rewards agree, the one bucket (add1) settles, half its prompts are skipped
+    opts = {"levels": (1, 1), "kinds": ("add",)}
+    tr = _trainer(tiny_folder, tmp_path / "f", rewards={"accuracy": 1.0}, skip_settled=2, steps=3, task_options=opts)
+    monkeypatch.setattr(tr.reward_set, "score", lambda completions, examples: np.zeros((len(completions), 1)))
+    tr.run()
+    assert [r["skipped"] for r in read_metrics(tmp_path / "f")] == [0, 2, 2] and tr.data.position == 10
+    state = json.loads((tmp_path / "f" / "checkpoints" / "step-0000003" / "trainer" / "state.json").read_text())
+    assert state["difficulty"] == tr.filter.state() and state["difficulty"]["agreeing"] == {"add1": 6}
+    again = _trainer(tiny_folder, tmp_path / "f", rewards={"accuracy": 1.0}, skip_settled=2, task_options=opts)
+    assert again.resume() and again.filter.state() == tr.filter.state() and again.data.position == 10
 
 
 def test_prompts_beyond_the_sft_levels(tiny_folder, tmp_path, monkeypatch):

@@ -176,6 +176,7 @@ class GRPOConfig:
     mu: int = 1  # optimizer updates per rollout batch (TRL's num_iterations)
     mask_truncated: bool = False  # completions cut at max_completion_tokens get no loss
     resample_zero_std: int = 0  # rounds of fresh prompts replacing groups whose rewards all agree
+    skip_settled: int = 0  # DifficultyFilter's patience (0: off)
     lr: float = 1e-4
     min_lr_ratio: float = 1.0  # constant after warmup unless < 1 (cosine)
     warmup: int = 0
@@ -211,6 +212,8 @@ class GRPOConfig:
                      "keep_checkpoints"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)}: must be at least 1")
+        if self.skip_settled < 0 or self.skip_settled == 1:
+            raise ValueError(f"skip_settled={self.skip_settled}: 0 (off) or at least 2 (1 would never skip a prompt)")
         if self.group_size < 2:
             raise ValueError(f"group_size={self.group_size}: GRPO needs at least 2 samples per prompt")
         if self.loss_type not in LOSS_TYPES:
@@ -244,8 +247,9 @@ def read_jsonl(path: Union[str, Path]) -> list[dict]:
 
 
 def task_row(example: tasks.Example) -> dict:
-    return {"prompt": example.prompt, "answer": example.value, "lang": example.lang, "kind": example.problem.kind,
-            "level": example.problem.level, "key": example.problem.key}
+    p = example.problem
+    return {"prompt": example.prompt, "answer": example.value, "lang": example.lang, "kind": p.kind,
+            "level": p.level, "key": p.key, "bucket": f"{p.kind}{p.level}"}
 
 
 class PromptStream:
@@ -279,6 +283,48 @@ class PromptStream:
 
     def load_state(self, state: dict) -> None:
         self.position = int(state["position"])
+
+
+class DifficultyFilter:
+    """Online difficulty filtering: prompts of a settled bucket are skipped before any rollout.
+
+    A row's bucket is its `bucket` field (the task's kind and level; rows without one are never skipped). A bucket
+    is settled once `patience` of its groups in a row had rewards that all agreed (all solved or all failed: no
+    advantage, no gradient). Of a settled bucket's prompts one in `patience` still goes out as a probe, so a bucket
+    that starts to vary again comes back. Its state is a few integers per bucket, saved with the checkpoint."""
+
+    def __init__(self, patience: int):
+        self.patience = patience
+        self.agreeing: dict[str, int] = {}  # bucket -> its last groups with agreeing rewards, in a row
+        self.passed_over: dict[str, int] = {}  # bucket -> its prompts skipped since its last probe
+        self.skipped = 0  # prompts skipped since the last `take_skipped`
+
+    def admits(self, row: dict) -> bool:
+        """Whether this row goes out (called once per row, in stream order)."""
+        bucket = row.get("bucket")
+        if not self.patience or bucket is None or self.agreeing.get(bucket, 0) < self.patience:
+            return True
+        passed = self.passed_over.get(bucket, 0) + 1
+        self.passed_over[bucket] = passed % self.patience
+        self.skipped += passed < self.patience
+        return passed == self.patience
+
+    def record(self, rows: list[dict], agreed) -> None:
+        """Each rolled-out row's outcome: whether its group's rewards all agreed."""
+        for row, same in zip(rows, agreed):
+            bucket = row.get("bucket")
+            if bucket is not None:
+                self.agreeing[bucket] = self.agreeing.get(bucket, 0) + 1 if same else 0
+
+    def take_skipped(self) -> int:
+        n, self.skipped = self.skipped, 0
+        return n
+
+    def state(self) -> dict:
+        return {"agreeing": self.agreeing, "passed_over": self.passed_over}
+
+    def load_state(self, state: dict) -> None:
+        self.agreeing, self.passed_over = dict(state["agreeing"]), dict(state["passed_over"])
 
 
 def prompt_text(tokenizer, model, row: dict) -> str:
@@ -376,6 +422,7 @@ class GRPOTrainer(Trainer):
         self.optimizer.init(model.trainable_parameters())
         self.reward_set = RewardSet.build(cfg.rewards, cfg.reward_file)
         self.data = PromptStream(cfg.task, cfg.data, cfg.split, cfg.data_seed, cfg.task_options)
+        self.filter = DifficultyFilter(cfg.skip_settled)
         self.step = 0
         self._eval_rows = None
 
@@ -383,13 +430,13 @@ class GRPOTrainer(Trainer):
     def make_batch(self) -> RolloutBatch:
         """Rollouts of the next prompts; with resample_zero_std, groups whose rewards all agree are replaced by
         fresh prompts' groups (up to that many rounds; left in, they only carry zero advantage). With data
-        parallelism each rank rolls out its block of the prompts (`_take_own`) and keeps prompts_per_step / ranks
+        parallelism each rank rolls out its block of the prompts (`_rollout_own`) and keeps prompts_per_step / ranks
         groups; "batch" reward scaling uses the std over every rank's rewards (gathered: exactly one process's)."""
         cfg = self.cfg
         weights = self.reward_set.weight_vector
         ranks = 1 if self.group is None else self.group.size()
         per_rank = cfg.prompts_per_step // ranks
-        groups, info = rollout(self.model, self.tokenizer, self._take_own([per_rank] * ranks), cfg, self.reward_set)
+        groups, info = self._rollout_own([per_rank] * ranks)
         first_zero = self._zero_std(groups, weights)
         zero_frac = float(np.mean(parallel.gather_rows(first_zero, self.group)))
         drawn = [g.rewards for g in groups]  # every rollout, the replaced groups' too (unbiased reward means)
@@ -398,11 +445,7 @@ class GRPOTrainer(Trainer):
             wanted = parallel.gather_rows([zero.sum()], self.group).astype(int)  # every rank's zero-std groups
             if not wanted.any():
                 break
-            fresh, more = [], dict.fromkeys(info, 0)
-            if zero.any():
-                fresh, more = rollout(self.model, self.tokenizer, self._take_own(wanted), cfg, self.reward_set)
-            else:
-                self._take_own(wanted)  # the stream moves past the other ranks' fresh prompts
+            fresh, more = self._rollout_own(wanted)
             info = {k: info[k] + more[k] for k in info}
             fresh_zero = self._zero_std(fresh, weights) if fresh else np.zeros(0, bool)
             drawn += [g.rewards for g in fresh]
@@ -423,15 +466,30 @@ class GRPOTrainer(Trainer):
         return RolloutBatch(groups, adv, table, total, zero_frac, info["gen_tokens"], info["gen_seconds"],
                             drawn=np.concatenate(drawn))
 
-    def _take_own(self, counts) -> list[dict]:
-        """This rank's rows of the next sum(counts) prompts of the stream: the r-th contiguous block, counts[r]
-        rows long (one process: the next counts[0]). Every rank's stream moves past all of them."""
+    def _rollout_own(self, counts) -> tuple[list[Group], dict]:
+        """Rollouts of this rank's rows of the next sum(counts) admitted prompts of the stream: the r-th contiguous
+        block, counts[r] rows long (one process: the next counts[0]). Every rank's stream moves past all of them,
+        and with the difficulty filter on, every rank's filter learns every rank's outcomes."""
         r = 0 if self.group is None else self.group.rank()
         counts = [int(c) for c in counts]
-        start = self.data.position + sum(counts[:r])
-        rows = [self.data.row_at(start + k) for k in range(counts[r])]
-        self.data.position += sum(counts)
-        return rows
+        rows = []
+        while len(rows) < sum(counts):
+            row = self.data.row_at(self.data.position)
+            self.data.position += 1
+            if self.filter.admits(row):
+                rows.append(row)
+        mine = rows[sum(counts[:r]):sum(counts[: r + 1])]
+        groups, info = [], {"gen_tokens": 0, "gen_seconds": 0.0}
+        if mine:
+            groups, info = rollout(self.model, self.tokenizer, mine, self.cfg, self.reward_set)
+        if self.filter.patience:
+            width = max(counts)
+            agreed = np.full(width, np.nan)
+            if groups:
+                agreed[: len(groups)] = self._zero_std(groups, self.reward_set.weight_vector)
+            everyone = parallel.gather_rows(agreed, self.group).reshape(-1, width)
+            self.filter.record(rows, [a for block, n in zip(everyone, counts) for a in block[:n]])
+        return groups, info
 
     def _zero_std(self, groups: list[Group], weights: np.ndarray) -> np.ndarray:
         table = np.concatenate([g.rewards for g in groups])
@@ -586,7 +644,8 @@ class GRPOTrainer(Trainer):
                 row[key] = float(np.mean([u[key] for u in updates]))
         row.update({
             "completion_length": float(np.mean(lengths)), "truncation": float(np.mean(truncated)),
-            "zero_std_frac": batch.zero_std_frac, "lr": float(self.optimizer.learning_rate.item()),
+            "zero_std_frac": batch.zero_std_frac, **({"skipped": self.filter.take_skipped()} if self.filter.patience else {}),
+            "lr": float(self.optimizer.learning_rate.item()),
             "gen_tokens_per_s": float(gen_tokens / max(gen_seconds, 1e-9)), "step_seconds": seconds,
             "reward_errors": dict(self.reward_set.errors),
         })
@@ -618,15 +677,19 @@ class GRPOTrainer(Trainer):
         folder = folder or (self.checkpoints() or [None])[-1]
         if folder is None or not super().resume(folder):
             return False
-        self.reward_set.errors = dict(json.loads((folder / STATE_FILE).read_text()).get("reward_errors", {}))
+        state = json.loads((folder / STATE_FILE).read_text())
+        self.reward_set.errors = dict(state.get("reward_errors", {}))
+        if "difficulty" in state:
+            self.filter.load_state(state["difficulty"])
         return True
 
     def save_checkpoint(self) -> Path:
         path = super().save_checkpoint()
         if not self.main:  # data parallelism: rank 0 writes
             return path
-        state = json.loads((path / STATE_FILE).read_text())  # the loop's state, plus the reward error counts
+        state = json.loads((path / STATE_FILE).read_text())  # the loop's state, the reward errors, the filter
         state["reward_errors"] = self.reward_set.errors
+        state["difficulty"] = self.filter.state()
         (path / STATE_FILE).write_text(json.dumps(state))
         return path
 
