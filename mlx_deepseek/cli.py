@@ -245,9 +245,7 @@ def cmd_train(a: argparse.Namespace) -> int:
         from .train.lora import LoraSettings
         from .train.sft import sft, sft_config
 
-        adapters = None
-        if a.finetune != "full":
-            adapters = LoraSettings.from_dict({**_lora_flags(a), "dora": a.finetune == "dora"})
+        adapters = LoraSettings.for_finetune(a.finetune, _lora_flags(a))
         out = sft(a.model, a.out, sft_config(**settings), resume=a.resume, progress=not a.no_progress,
                   grow_mtp=a.grow_mtp, adapters=adapters)
     print(f"model written to {out} (metrics in {out.parent / 'metrics.jsonl'})")

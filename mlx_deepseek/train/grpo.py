@@ -228,8 +228,8 @@ class GRPOConfig:
             raise ValueError("give exactly one prompt source: a task (--task arithmetic) or a JSONL file (--data)")
 
     @property
-    def lora_settings(self) -> lora.LoraSettings:
-        return lora.LoraSettings.from_dict({**self.lora, "dora": self.finetune == "dora" or self.lora.get("dora", False)})
+    def lora_settings(self) -> Optional[lora.LoraSettings]:
+        return lora.LoraSettings.for_finetune(self.finetune, self.lora)
 
 
 # ---- prompts ----------------------------------------------------------------------------------------
@@ -391,7 +391,8 @@ class GRPOTrainer(Trainer):
     pruned), resume, metrics truncation and final save; the step is GRPO's."""
 
     def __init__(self, model, tokenizer, cfg: GRPOConfig, out: Union[str, Path], progress: bool = True,
-                 tokenizer_dir: Optional[Path] = None, ref_model=None, group: Optional[mx.distributed.Group] = None):
+                 tokenizer_dir: Optional[Path] = None, ref_model=None, group: Optional[mx.distributed.Group] = None,
+                 base_path: Optional[Path] = None):
         """group: data parallelism over its ranks. `prompts_per_step` stays the GLOBAL number of prompts: rank r
         rolls out the r-th contiguous block of each step's prompts (the ones one process would take), with its
         own sampling seed; rank 0 writes (see DISTRIBUTED.md)."""
@@ -403,11 +404,12 @@ class GRPOTrainer(Trainer):
                              "ranks (it counts the prompts of all ranks together)")
         self.model, self.tokenizer, self.cfg = model, tokenizer, cfg
         self.tokenizer_dir = Path(tokenizer_dir) if tokenizer_dir is not None else None
+        self.base_path = base_path
         self.out, self.progress = Path(out), progress
         self.args = model.args
         self.n_experts = self.args.n_routed_experts or 0
         self.moe = balance.moe_layers(model)
-        self._adapt(model, cfg.lora_settings if cfg.finetune in ("lora", "dora") else None, cfg.seed)
+        self._adapt(model, cfg.lora_settings, cfg.seed)
         balance.freeze_bias(model)
         if self.lora is None:  # full fine-tuning: the MTP module gets no gradient from GRPO; keep it fixed
             for m in model.mtp:
@@ -780,8 +782,8 @@ def grpo(model_path, out: Union[str, Path], cfg: Optional[GRPOConfig] = None, re
         ref, _, _ = load_for_training(folder, True)
         ref.freeze()
     group = parallel.active(mx.distributed.init())  # data parallelism when started by mlx.launch
-    trainer = GRPOTrainer(model, tok, cfg, out, progress=progress, tokenizer_dir=folder, ref_model=ref, group=group)
-    trainer.base_path = folder
+    trainer = GRPOTrainer(model, tok, cfg, out, progress=progress, tokenizer_dir=folder, ref_model=ref, group=group,
+                          base_path=folder)
     return trainer.run(resume=resume)
 
 

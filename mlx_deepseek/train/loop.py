@@ -137,11 +137,12 @@ class Trainer:
     def __init__(
         self, model, tokenizer, cfg: TrainConfig, out: str | Path, progress: bool = True,
         tokenizer_dir: Optional[Path] = None, group: Optional[mx.distributed.Group] = None,
-        adapters: Optional[lora.LoraSettings] = None,
+        adapters: Optional[lora.LoraSettings] = None, base_path: Optional[Path] = None,
     ):
         """tokenizer_dir: a folder whose tokenizer files every saved model folder gets a copy of.
         group: data parallelism over its ranks (each trains on its rows of every batch; rank 0 writes).
-        adapters: train LoRA/DoRA adapters (the model frozen under them) instead of all weights."""
+        adapters: train LoRA/DoRA adapters (the model frozen under them) instead of all weights.
+        base_path: the model folder trained from (written next to the adapters, for `mlx-deepseek fuse`)."""
         cfg.check()
         self.group = parallel.active(group)
         self.main = self.group is None or self.group.rank() == 0
@@ -149,6 +150,7 @@ class Trainer:
             raise ValueError(f"batch_size={cfg.batch_size} must be a multiple of the {self.group.size()} ranks")
         self.model, self.tokenizer, self.cfg = model, tokenizer, cfg
         self.tokenizer_dir = Path(tokenizer_dir) if tokenizer_dir is not None else None
+        self.base_path = base_path
         self.out = Path(out)
         self.progress = progress
         self.args = model.args
@@ -362,7 +364,7 @@ class Trainer:
         if self.lora is not None:
             with atomic_folder(self.out / "adapters") as tmp:
                 lora.save_adapters(self.model, tmp, self.lora)
-                (tmp / "base_model.txt").write_text(str(getattr(self, "base_path", "")))
+                (tmp / "base_model.txt").write_text(str(self.base_path or ""))
             lora.fuse(self.model, dequantize=True)
             self.lora = None
         with atomic_folder(final) as tmp:

@@ -161,6 +161,13 @@ class LoraSettings:
         d["keys"] = tuple(d.get("keys", DEFAULT_KEYS))
         return cls(**d)
 
+    @classmethod
+    def for_finetune(cls, finetune: str, fields: dict) -> "LoraSettings | None":
+        """The adapters of a `--finetune` choice with these settings (None: full fine-tuning, no adapters)."""
+        if finetune == "full":
+            return None
+        return cls.from_dict({**fields, "dora": finetune == "dora" or fields.get("dora", False)})
+
 
 def _adapter_for(module: nn.Module, s: LoraSettings):
     kw = dict(r=s.rank, scale=s.scale, dropout=s.dropout)

@@ -61,8 +61,8 @@ def sft(
         model = with_mtp_modules(model, grow_mtp, folder)
     if grow_mtp is not None or adapters is not None:
         cfg = replace(cfg, bias_gamma=0.0)  # the bias update would move the frozen main model's routers
-    trainer = Trainer(model, tok, cfg, out, progress=progress, tokenizer_dir=folder, adapters=adapters)
-    trainer.base_path = folder
+    trainer = Trainer(model, tok, cfg, out, progress=progress, tokenizer_dir=folder, adapters=adapters,
+                      base_path=folder)
     return trainer.run(resume=resume)
 
 
