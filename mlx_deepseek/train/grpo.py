@@ -438,8 +438,7 @@ class GRPOTrainer(Trainer):
         weights = self.reward_set.weight_vector
         ranks = 1 if self.group is None else self.group.size()
         per_rank = cfg.prompts_per_step // ranks
-        groups, info = self._rollout_own([per_rank] * ranks)
-        first_zero = self._zero_std(groups, weights)
+        groups, info, first_zero = self._rollout_own([per_rank] * ranks)
         zero_frac = float(np.mean(parallel.gather_rows(first_zero, self.group)))
         drawn = [g.rewards for g in groups]  # every rollout, the replaced groups' too (unbiased reward means)
         for _ in range(cfg.resample_zero_std):
@@ -447,9 +446,8 @@ class GRPOTrainer(Trainer):
             wanted = parallel.gather_rows([zero.sum()], self.group).astype(int)  # every rank's zero-std groups
             if not wanted.any():
                 break
-            fresh, more = self._rollout_own(wanted)
+            fresh, more, fresh_zero = self._rollout_own(wanted)
             info = {k: info[k] + more[k] for k in info}
-            fresh_zero = self._zero_std(fresh, weights) if fresh else np.zeros(0, bool)
             drawn += [g.rewards for g in fresh]
             kept = [g for g, z in zip(groups, zero) if not z] + [g for g, z in zip(fresh, fresh_zero) if not z]
             spare = [g for g, z in zip(groups, zero) if z] + [g for g, z in zip(fresh, fresh_zero) if z]
@@ -468,10 +466,11 @@ class GRPOTrainer(Trainer):
         return RolloutBatch(groups, adv, table, total, zero_frac, info["gen_tokens"], info["gen_seconds"],
                             drawn=np.concatenate(drawn))
 
-    def _rollout_own(self, counts) -> tuple[list[Group], dict]:
+    def _rollout_own(self, counts) -> tuple[list[Group], dict, np.ndarray]:
         """Rollouts of this rank's rows of the next sum(counts) admitted prompts of the stream: the r-th contiguous
-        block, counts[r] rows long (one process: the next counts[0]). Every rank's stream moves past all of them,
-        and with the difficulty filter on, every rank's filter learns every rank's outcomes."""
+        block, counts[r] rows long (one process: the next counts[0]), and whether each group's rewards all agree.
+        Every rank's stream moves past all of them, and with the difficulty filter on, every rank's filter learns
+        every rank's outcomes."""
         r = 0 if self.group is None else self.group.rank()
         counts = [int(c) for c in counts]
         rows = []
@@ -481,17 +480,17 @@ class GRPOTrainer(Trainer):
             if self.filter.admits(row):
                 rows.append(row)
         mine = rows[sum(counts[:r]):sum(counts[: r + 1])]
-        groups, info = [], {"gen_tokens": 0, "gen_seconds": 0.0}
+        groups, info, zero = [], {"gen_tokens": 0, "gen_seconds": 0.0}, np.zeros(0, bool)
         if mine:
             groups, info = rollout(self.model, self.tokenizer, mine, self.cfg, self.reward_set)
+            zero = self._zero_std(groups, self.reward_set.weight_vector)
         if self.filter.patience:
             width = max(counts)
             agreed = np.full(width, np.nan)
-            if groups:
-                agreed[: len(groups)] = self._zero_std(groups, self.reward_set.weight_vector)
+            agreed[: len(zero)] = zero
             everyone = parallel.gather_rows(agreed, self.group).reshape(-1, width)
             self.filter.record(rows, [a for block, n in zip(everyone, counts) for a in block[:n]])
-        return groups, info
+        return groups, info, zero
 
     def _zero_std(self, groups: list[Group], weights: np.ndarray) -> np.ndarray:
         table = np.concatenate([g.rewards for g in groups])
@@ -646,7 +645,8 @@ class GRPOTrainer(Trainer):
                 row[key] = float(np.mean([u[key] for u in updates]))
         row.update({
             "completion_length": float(np.mean(lengths)), "truncation": float(np.mean(truncated)),
-            "zero_std_frac": batch.zero_std_frac, **({"skipped": self.filter.take_skipped()} if self.filter.patience else {}),
+            "zero_std_frac": batch.zero_std_frac,
+            **({"skipped": self.filter.take_skipped()} if self.filter.patience else {}),
             "lr": float(self.optimizer.learning_rate.item()),
             "gen_tokens_per_s": float(gen_tokens / max(gen_seconds, 1e-9)), "step_seconds": seconds,
             "reward_errors": dict(self.reward_set.errors),
