@@ -428,6 +428,7 @@ def _mtp_tokens(model, prompt, pc: PromptCache, sampler, processors, taker, stat
             return pc.speculate(y, drafts, with_history, compile=False)
         return pc.speculate(y, drafts, sampler)
 
+    mx.eval(y, drafts)  # the MTP modules' pass over the prompt is prompt processing, done before the first token
     history.append(y.item())
     yield [history[-1]]
     current = step(y, drafts)
