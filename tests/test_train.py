@@ -3,6 +3,7 @@ resume (the same next step as an uninterrupted run), the `train` commands."""
 
 import json
 import shutil
+from collections import Counter
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -204,6 +205,10 @@ def test_pretraining_share_beyond_the_training_levels(tok):
     far = [mixed.example(i).problem.level > tasks.TRAIN_LEVELS[tasks._family(mixed.example(i).problem.kind)][1]
            for i in range(400)]
     assert 0.18 < sum(far) / 400 < 0.32
+    # every kind goes beyond, not only those whose draw happens to correlate with the share's coin
+    kinds = Counter(tasks._family(e.problem.kind) for e in map(mixed.example, range(2000))
+                    if e.problem.level > tasks.TRAIN_LEVELS[tasks._family(e.problem.kind)][1])
+    assert set(kinds) == {"add", "sub", "mul", "cmp", "count"} and min(kinds.values()) > 0.1 * sum(kinds.values())
     plain = PackedBatches(tok, 1, 40)
     assert not any(plain.example(i).problem.level > 5 for i in range(100))
     with pytest.raises(ValueError, match="beyond=1.5"):
