@@ -7,7 +7,8 @@ The prompt is a short arithmetic question when the folder has a tokenizer, else 
 made by `bench generate`'s `random_checkpoint` has none).
 
 Steps are chained the way decoding chains them (each queued with async_eval, read only at the end), and the cache
-offsets are moved back after each step, so every timed step sees the same context. On a GPU a step is host-bound:
+offsets are moved back after each step, so every timed step sees the same context; the host time of one call (its
+graph built, never evaluated) is timed too. On a GPU a step is host-bound:
 the times are per-operation overhead, which is what MTP's extra tokens per step must beat.
 """
 
@@ -77,6 +78,11 @@ def main() -> None:
         return token
 
     print(f"plain step (head and sampling included)  {per_call_ms(plain, a.steps):7.3f} ms")
+    states = [c.state for c in pc.cache]
+    tic = time.perf_counter()
+    for _ in range(a.steps):
+        step(y, states)  # building the step's graph only, never evaluated: the host's share of a call
+    print(f"plain step, host time of the call only     {(time.perf_counter() - tic) / a.steps * 1e3:7.3f} ms")
 
     for n in range(1, len(model.mtp) + 2):
         pc, _ = prefilled(model, prompt, a.context)
