@@ -240,7 +240,7 @@ def cmd_train(a: argparse.Namespace) -> int:
         if (status := _on_ranks(a)) is not None:  # data parallelism: this command on every rank
             return status
         out = pretrain(a.out, TrainConfig.from_dict(settings), config=a.config, tokenizer=a.tokenizer,
-                       resume=a.resume, progress=not a.no_progress)
+                       resume=a.resume, progress=not a.no_progress, init=a.init)
     else:
         from .train.lora import LoraSettings
         from .train.sft import sft, sft_config
@@ -297,6 +297,8 @@ def _add_train_parser(sub) -> None:
     pre = kinds.add_parser("pretrain", help="pretrain from scratch: next-token + MTP loss, aux-loss-free balancing")
     pre.add_argument("--config", default=None, help="model config.json (default: the nano-r1 config)")
     pre.add_argument("--tokenizer", default=None, help="tokenizer folder (default: train one into OUT/tokenizer)")
+    pre.add_argument("--init", default=None, metavar="MODEL",
+                     help="continue pretraining this model folder (its weights, config and tokenizer)")
     pre.add_argument("--beyond", type=float, metavar="SHARE",
                      help="share of examples drawn beyond the training levels (train-side problems at the hard levels)")
     common(pre)

@@ -275,6 +275,22 @@ def test_pretrain_then_resume_then_sft(tok_dir, tmp_path):
         sft(deep_out, tmp_path / "again", sft_config(steps=1, **FAST), progress=False, grow_mtp=2)
 
 
+def test_pretraining_continues_from_a_model(tok_dir, tmp_path):
+    """train pretrain --init M: the run starts from M's weights (with its config and tokenizer), not a fresh init."""
+    base = pretrain(tmp_path / "pre", TrainConfig(steps=1, **FAST), config=TINY, tokenizer=tok_dir, progress=False)
+    flags = ["--steps", "1", "--batch", "4", "--seq-len", "48", "--warmup", "1", "--log-every", "1", "--eval-every",
+             "0", "--bias-gamma", "0", "--no-compile", "--no-progress", "--init", str(base)]
+    assert main(["train", "pretrain", "--out", str(tmp_path / "still"), "--lr", "1e-12"] + flags) == 0
+    assert main(["train", "pretrain", "--out", str(tmp_path / "moved"), "--lr", "1e-2"] + flags) == 0
+    before = params(load(base)[0])
+    still, moved = params(load(tmp_path / "still" / "model")[0]), params(load(tmp_path / "moved" / "model")[0])
+    assert max(np.abs(before[k] - still[k]).max() for k in before) <= 1e-6  # a random init would be far away
+    assert max(np.abs(before[k] - moved[k]).max() for k in before) > 1e-4
+    assert (tmp_path / "still" / "model" / "tokenizer.json").exists()
+    with pytest.raises(ValueError, match="brings its config"):
+        pretrain(tmp_path / "x", TrainConfig(steps=1, **FAST), config=TINY, init=base, progress=False)
+
+
 def test_sft_with_lora_adapters_and_resume(tok_dir, tmp_path):
     """train sft --finetune lora: only adapters train (the MTP modules and router biases stay), checkpoints hold the
     adapters and resume from them, out/model is the base with the adapters fused in, out/adapters fuses onto it."""

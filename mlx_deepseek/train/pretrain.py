@@ -3,7 +3,9 @@
 `pretrain(out, ...)` builds a model from a config (default: the nano-r1 config shipped in
 `mlx_deepseek/assets/nano-r1-config.json`), initialises it, and runs the shared loop (`loop.Trainer`):
 next-token + MTP loss, aux-loss-free bias balancing, optional balance losses, checkpoints and resume.
-The tokenizer is taken from `tokenizer` (a folder) or trained into `out/tokenizer` first.
+The tokenizer is taken from `tokenizer` (a folder) or trained into `out/tokenizer` first. With `init` (a model
+folder) pretraining continues from that model's weights, config and tokenizer instead (a fresh optimizer and
+schedule; `resume` is for picking up a run of this folder).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import mlx.core as mx
 
 from .. import parallel
 from ..config import ModelArgs
+from ..loading import load_model, resolve
 from ..models import Model
 from ..tokenizer import load_tokenizer
 from .loop import STATE_FILE, TrainConfig, Trainer, init_weights
@@ -56,23 +59,38 @@ def pretrain(
     tokenizer: Union[None, str, Path] = None,
     resume: bool = False,
     progress: bool = True,
+    init: Union[None, str, Path] = None,
 ) -> Path:
-    """Pretrain a model into `out`; returns out/model (the final model folder)."""
+    """Pretrain a model into `out` (from scratch, or on from the model folder `init`); returns out/model."""
     cfg = cfg or TrainConfig()
     out = Path(out)
     if out.exists() and any((out / "checkpoints").glob(f"step-*/{STATE_FILE}")) and not resume:
         raise ValueError(f"{out} holds checkpoints of an earlier run; pass resume=True (--resume) or a new folder")
     out.mkdir(parents=True, exist_ok=True)
     group = parallel.active(mx.distributed.init())  # data parallelism when started by mlx.launch
-    if group is not None and group.rank() != 0:
-        mx.eval(parallel.global_sum(mx.array(0.0), group))  # wait for rank 0's tokenizer
-    tok_dir = ensure_tokenizer(out, tokenizer)
-    if group is not None and group.rank() == 0:
-        mx.eval(parallel.global_sum(mx.array(0.0), group))
-    tok = load_tokenizer(tok_dir)
-    args = ModelArgs.from_dict(model_config(config, len(tok)))
-    mx.random.seed(cfg.seed)
-    model = Model(args)
-    init_weights(model, cfg.seed)
+    if init is not None:
+        model, tok_dir = _model_to_continue(resolve(init), config, tokenizer)
+        tok = load_tokenizer(tok_dir)
+    else:
+        if group is not None and group.rank() != 0:
+            mx.eval(parallel.global_sum(mx.array(0.0), group))  # wait for rank 0's tokenizer
+        tok_dir = ensure_tokenizer(out, tokenizer)
+        if group is not None and group.rank() == 0:
+            mx.eval(parallel.global_sum(mx.array(0.0), group))
+        tok = load_tokenizer(tok_dir)
+        args = ModelArgs.from_dict(model_config(config, len(tok)))
+        mx.random.seed(cfg.seed)
+        model = Model(args)
+        init_weights(model, cfg.seed)
     trainer = Trainer(model, tok, cfg, out, progress=progress, tokenizer_dir=tok_dir, group=group)
     return trainer.run(resume=resume)
+
+
+def _model_to_continue(folder: Path, config, tokenizer) -> tuple[Model, Path]:
+    """The float model in `folder` and the folder (its tokenizer), for continued pretraining."""
+    if config is not None or tokenizer is not None:
+        raise ValueError(f"init={folder}: the model brings its config and tokenizer; leave out config and tokenizer")
+    model = load_model(folder, dtype="float32")
+    if model.args.quantization is not None:
+        raise ValueError(f"{folder}: a quantized model; continue pretraining the float checkpoint")
+    return model, folder
