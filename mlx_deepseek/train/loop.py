@@ -33,6 +33,8 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
 from .. import parallel
+from ..loading import load_model, resolve
+from ..tokenizer import load_tokenizer
 from ..weights import atomic_folder, save_model
 from . import balance, lora
 from .data import PackedBatches
@@ -129,6 +131,16 @@ def schedule(cfg: TrainConfig):
     if warmup <= 0:
         return decay
     return optim.join_schedules([optim.linear_schedule(cfg.lr / warmup, cfg.lr, warmup), decay], [warmup])
+
+
+def load_float_model(model_path, purpose: str) -> tuple:
+    """(model, tokenizer, folder) of the float checkpoint at `model_path` (None: the bundled model), to `purpose` it:
+    training moves float weights, so a quantized file is refused."""
+    folder = resolve(model_path)
+    model = load_model(folder, dtype="float32")
+    if model.args.quantization is not None:
+        raise ValueError(f"{folder}: a quantized model; {purpose} the float checkpoint (or dequantize it first)")
+    return model, load_tokenizer(folder), folder
 
 
 class Trainer:

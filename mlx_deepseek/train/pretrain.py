@@ -18,10 +18,9 @@ import mlx.core as mx
 
 from .. import parallel
 from ..config import ModelArgs
-from ..loading import load_model, resolve
 from ..models import Model
 from ..tokenizer import load_tokenizer
-from .loop import STATE_FILE, TrainConfig, Trainer, init_weights
+from .loop import STATE_FILE, TrainConfig, Trainer, init_weights, load_float_model
 
 NANO_CONFIG = Path(__file__).resolve().parent.parent / "assets" / "nano-r1-config.json"
 
@@ -66,11 +65,12 @@ def pretrain(
     out = Path(out)
     if out.exists() and any((out / "checkpoints").glob(f"step-*/{STATE_FILE}")) and not resume:
         raise ValueError(f"{out} holds checkpoints of an earlier run; pass resume=True (--resume) or a new folder")
+    if init is not None and (config is not None or tokenizer is not None):
+        raise ValueError(f"init={init}: the model brings its config and tokenizer; leave out config and tokenizer")
     out.mkdir(parents=True, exist_ok=True)
     group = parallel.active(mx.distributed.init())  # data parallelism when started by mlx.launch
     if init is not None:
-        model, tok_dir = _model_to_continue(resolve(init), config, tokenizer)
-        tok = load_tokenizer(tok_dir)
+        model, tok, tok_dir = load_float_model(init, "continue pretraining")
     else:
         if group is not None and group.rank() != 0:
             mx.eval(parallel.global_sum(mx.array(0.0), group))  # wait for rank 0's tokenizer
@@ -85,12 +85,3 @@ def pretrain(
     trainer = Trainer(model, tok, cfg, out, progress=progress, tokenizer_dir=tok_dir, group=group)
     return trainer.run(resume=resume)
 
-
-def _model_to_continue(folder: Path, config, tokenizer) -> tuple[Model, Path]:
-    """The float model in `folder` and the folder (its tokenizer), for continued pretraining."""
-    if config is not None or tokenizer is not None:
-        raise ValueError(f"init={folder}: the model brings its config and tokenizer; leave out config and tokenizer")
-    model = load_model(folder, dtype="float32")
-    if model.args.quantization is not None:
-        raise ValueError(f"{folder}: a quantized model; continue pretraining the float checkpoint")
-    return model, folder

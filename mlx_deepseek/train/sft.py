@@ -22,11 +22,9 @@ from typing import Optional, Union
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from ..loading import load_model, resolve
 from ..models import Model
-from ..tokenizer import load_tokenizer
 from .lora import LoraSettings
-from .loop import STATE_FILE, TrainConfig, Trainer
+from .loop import STATE_FILE, TrainConfig, Trainer, load_float_model
 
 SFT_DEFAULTS = {"lr": 1e-3, "warmup": 20, "steps": 500, "mask_prompt": True}
 
@@ -50,11 +48,7 @@ def sft(
     out = Path(out)
     if out.exists() and any((out / "checkpoints").glob(f"step-*/{STATE_FILE}")) and not resume:
         raise ValueError(f"{out} holds checkpoints of an earlier run; pass resume=True (--resume) or a new folder")
-    folder = resolve(model_path)
-    model = load_model(folder, dtype="float32")
-    if model.args.quantization is not None:
-        raise ValueError(f"{folder}: a quantized model; fine-tune the float checkpoint (or dequantize it first)")
-    tok = load_tokenizer(folder)
+    model, tok, folder = load_float_model(model_path, "fine-tune")
     if grow_mtp is not None and adapters is not None:
         raise ValueError("grow_mtp trains whole new MTP modules; leave out the adapters (--finetune lora)")
     if grow_mtp is not None:
