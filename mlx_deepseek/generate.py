@@ -650,12 +650,10 @@ def batch_generate(
     rows_list = rows.tolist()
     tokens: list[list[int]] = [[] for _ in rows_list]
     done = [None] * len(rows_list)
+    active = list(range(len(rows_list)))  # the result row of each batch row: finished rows leave the batch
     history = y[:, None]
     for _ in range(max_tokens):
-        step = y.tolist()
-        for r, tok in enumerate(step):
-            if done[r]:
-                continue
+        for r, tok in zip(active, y.tolist()):
             if tok in eos:
                 done[r] = "stop"
                 continue
@@ -666,6 +664,12 @@ def batch_generate(
                 done[r] = "length"
         if all(done):
             break
+        alive = [i for i, r in enumerate(active) if not done[r]]
+        if len(alive) < len(active):
+            keep = mx.array(alive)
+            for c in cache:
+                c.filter(keep)
+            y, history, active = y[keep], history[keep], [active[i] for i in alive]
         logits = model(y[:, None], cache)[:, -1, :]
         y = _sample(logits, history, sampler, processors)
         history = mx.concatenate([history, y[:, None]], axis=1)

@@ -178,6 +178,32 @@ def test_batched_equals_one_by_one(v3):
             assert batched[3 * i + j].tokens == expected
 
 
+class _EndsAt:
+    """The tokenizer with another end-of-sequence token."""
+
+    def __init__(self, tok, eos: int):
+        self._tok, self.eos_token_id, self.eos_token_ids = tok, eos, [eos]
+
+    def __getattr__(self, name):
+        return getattr(self._tok, name)
+
+
+def test_rows_that_finish_early_leave_the_batch_and_the_rest_decode_unchanged(v3):
+    model, tok = v3
+    prompts = [PROMPT, [1, 9], [1, 3, 4, 5, 6, 7, 8, 9, 10]]
+    free = [generate(model, tok, p, max_tokens=10).tokens for p in prompts]
+    at = next(i for i, t in enumerate(free[0]) if i >= 2 and t not in free[0][:i])
+    ends = _EndsAt(tok, free[0][at])  # a token of the first prompt's answer now ends a sequence
+    single = [generate(model, ends, p, max_tokens=10) for p in prompts]
+    assert len(single[0].tokens) == at and single[0].finish_reason == "stop"
+    assert len({len(r.tokens) for r in single}) > 1  # rows finish at different steps
+    batched = batch_generate(model, ends, prompts, n=2, max_tokens=10)
+    for i, expected in enumerate(single):
+        for j in range(2):
+            assert batched[2 * i + j].tokens == expected.tokens
+            assert batched[2 * i + j].finish_reason == expected.finish_reason
+
+
 def test_group_samples_share_the_prompt_but_differ(v3):
     model, tok = v3
     out = batch_generate(model, tok, [PROMPT], n=4, max_tokens=8, sampling=Sampling(temperature=1.0, seed=0))

@@ -139,6 +139,23 @@ def test_a_lora_step_changes_the_adapters_and_nothing_else(tiny_folder, tmp_path
     np.testing.assert_allclose(np.array(tr.model(x)), adapted, atol=1e-4)
 
 
+def test_mu_2_keeps_the_log_probs_of_the_weights_before_the_first_update(tiny_folder, tmp_path):
+    tr = _trainer(tiny_folder, tmp_path / "mu2", mu=2)
+    batch = tr.make_batch()
+    tr.prepare(batch)
+    before = [np.array(tr.group_logps(tr.model, g)[0]) for g in batch.groups]
+    assert not batch.old_logps
+    tr.optimizer.update(tr.model, tr.compute_grads(batch)[0])
+    assert len(batch.old_logps) == len(batch.groups)
+    for kept, fresh in zip(batch.old_logps, before):
+        np.testing.assert_allclose(np.array(kept), fresh, rtol=1e-5, atol=1e-6)
+    moved = [np.array(tr.group_logps(tr.model, g)[0]) for g in batch.groups]
+    assert max(np.abs(m - b).max() for m, b in zip(moved, before)) > 1e-6  # the update moved them; old ones stay
+    tr.compute_grads(batch)
+    for kept, fresh in zip(batch.old_logps, before):
+        np.testing.assert_allclose(np.array(kept), fresh, rtol=1e-5, atol=1e-6)
+
+
 def test_dora_and_full_finetuning_steps(tiny_folder, tmp_path):
     tr = _trainer(tiny_folder, tmp_path / "dora", finetune="dora", beta=0.04)
     kinds = {type(m) for _, m in tr.model.named_modules()}

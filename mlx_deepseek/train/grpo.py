@@ -6,8 +6,9 @@ calls TRL's own code; tests/test_grpo.py checks loss and d loss / d logits for e
     logp_t      = log_softmax(logits_t / T)[y_t]          float32, the sampled tokens, the prompt as context
     A_i         = (r_i - mean(r_group)) / (std(r) + 1e-4) std per group ("group"), over the batch ("batch"), or
                                                            no division ("none"); std with Bessel's correction
-    ratio_t     = exp(logp_t - logp_old_t)                 logp_old: stored at rollout when mu > 1, else
-                                                           logp itself without gradient (ratio 1)
+    ratio_t     = exp(logp_t - logp_old_t)                 logp_old: with mu > 1, those of the batch's first
+                                                           update (kept for the next ones); else logp itself
+                                                           without gradient (ratio 1)
     l_t         = -min(ratio_t A_i, clip(ratio_t, 1 - eps, 1 + eps_high) A_i) + beta * kl_t
     kl_t        = exp(ref_t - logp_t) - (ref_t - logp_t) - 1   (k3; the reference is the base without adapters
                                                            (LoRA) or a frozen copy (full); beta = 0 skips it)
@@ -376,7 +377,7 @@ class RolloutBatch:
     zero_std_frac: float
     gen_tokens: int
     gen_seconds: float
-    old_logps: list = field(default_factory=list)  # per group [G, C] (mu > 1)
+    old_logps: list = field(default_factory=list)  # per group [G, C] (mu > 1: kept by the first update)
     ref_logps: list = field(default_factory=list)  # per group [G, C] (beta != 0)
     drawn: Optional[np.ndarray] = None  # [all rollouts drawn, F]: with resampling, more rows than `rewards`
 
@@ -518,11 +519,9 @@ class GRPOTrainer(Trainer):
         return completion_logps(model.logits(hidden), ids, self.cfg.temperature)
 
     def prepare(self, batch: RolloutBatch) -> None:
-        """Old log-probs (mu > 1: before the first update) and reference log-probs (beta != 0), no gradient."""
+        """Reference log-probs (beta != 0), no gradient. (The old log-probs of mu > 1 are those of the first
+        update's forward pass: `compute_grads` keeps them.)"""
         cfg = self.cfg
-        if cfg.mu > 1:
-            batch.old_logps = [mx.stop_gradient(self.group_logps(self.model, g)[0]) for g in batch.groups]
-            mx.eval(batch.old_logps)
         if cfg.beta != 0.0:
             if self.lora is not None:
                 with lora.adapters_disabled(self.model):
@@ -551,22 +550,28 @@ class GRPOTrainer(Trainer):
         counts = mx.zeros((0, 1))
         if self.trace is not None:
             counts = balance.layer_counts(self.trace, self.n_experts, [m.layer for m in self.moe])
-        return loss, stats, counts
+        return loss, stats, counts, mx.stop_gradient(logps)
 
     def compute_grads(self, batch: RolloutBatch) -> tuple[dict, dict]:
         """THE gradient of the GRPO loss of one rollout batch w.r.t. the trainable parameters (summed over the
         per-prompt micro-batches, each already normalised for the whole batch), and the step's statistics.
         Data-parallel training averages here: the normalisers (completion tokens, sequences) are each rank's share
         (1 / ranks) of the global ones, so the mean of the ranks' gradients is one process's gradient on all the
-        ranks' rollouts; loss, statistics and expert counts are those of the whole step on every rank."""
+        ranks' rollouts; loss, statistics and expert counts are those of the whole step on every rank.
+        With mu > 1 the first call (no old log-probs yet: the ratio is 1, as it is with mu = 1) stores the
+        log-probs it computed as the batch's old log-probs for the updates after it."""
         n_tokens, n_sequences = self._normalisers(batch)
         max_len = self.cfg.max_completion_tokens
         loss_and_grad = nn.value_and_grad(self.model, self._micro_loss)
         grads, loss, sums, counts = None, 0.0, {}, None
+        keep_old = self.cfg.mu > 1 and not batch.old_logps
+        old = []
         for k in range(len(batch.groups)):
-            (l, stats, c), g = loss_and_grad(self.model, batch, k, n_tokens, max_len, n_sequences)
+            (l, stats, c, logps), g = loss_and_grad(self.model, batch, k, n_tokens, max_len, n_sequences)
             grads = g if grads is None else tree_map(mx.add, grads, g)
-            mx.eval(grads, l, stats, c)
+            mx.eval(grads, l, stats, c, *([logps] if keep_old else []))
+            if keep_old:
+                old.append(logps)
             loss += l.item()
             for name, v in stats.items():
                 sums[name] = sums.get(name, 0.0) + v.item()
@@ -578,6 +583,8 @@ class GRPOTrainer(Trainer):
             loss, sums = float(added[0]), dict(zip(names, added[1:].tolist()))
             if counts is not None and counts.size:
                 counts = np.array(parallel.global_sum(mx.array(counts), self.group))
+        if keep_old:
+            batch.old_logps = old
         tokens = max(sums.pop("tokens"), 1.0)
         out = {"loss": loss, **{k: v / tokens for k, v in sums.items()}}
         if counts is not None and counts.size:
