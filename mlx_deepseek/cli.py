@@ -322,8 +322,10 @@ def cmd_grpo(a: argparse.Namespace) -> int:
     if a.reward:
         settings["rewards"] = parse_weights(a.reward)
     options = {"levels": tuple(a.levels)} if a.levels else {}
-    if a.beyond:
-        options["beyond"] = True
+    if a.beyond is not None:
+        if not 0 < a.beyond <= 1:
+            raise SystemExit(f"--beyond {a.beyond}: a share of the prompts, above 0 and at most 1")
+        options["beyond"] = a.beyond
     settings["task_options"] = options
     lora = _lora_flags(a)
     if lora:
@@ -392,8 +394,9 @@ def _add_grpo_parsers(kinds) -> None:
     src.add_argument("--data", help="prompts from a JSONL file (prompt, answer, optional lang and bucket)")
     g.add_argument("--split", choices=("train", "heldout", "hard"), help="task split of the prompts")
     g.add_argument("--levels", type=int, nargs=2, metavar=("LO", "HI"), help="task difficulty levels (digits)")
-    g.add_argument("--beyond", action="store_true",
-                   help="train-split prompts at the hard split's levels (more digits than SFT saw; no hard-split problem)")
+    g.add_argument("--beyond", type=float, nargs="?", const=1.0, metavar="SHARE",
+                   help="train-split prompts at the hard split's levels (more digits than SFT saw; no hard-split "
+                        "problem): all of them, or SHARE of them and the rest at the training levels")
     g.add_argument("--steps", type=int, help="rollout batches")
     g.add_argument("--prompts", dest="prompts_per_step", type=int, help="prompts per step")
     g.add_argument("--group-size", type=int, help="samples per prompt (G)")

@@ -12,7 +12,6 @@ import shutil
 import socket
 import tempfile
 import time
-from pathlib import Path
 
 import pytest
 

@@ -258,9 +258,19 @@ def test_the_difficulty_filter_skips_settled_buckets_and_resumes(tiny_folder, tm
 
 def test_prompts_beyond_the_sft_levels(tiny_folder, tmp_path, monkeypatch):
     """--beyond: train-side prompts at the hard split's levels (the problems the hard split evaluates are never
-    among them); it reaches the stream as a task option."""
+    among them); --beyond SHARE: that share of them, the rest at the training levels. It reaches the stream as a
+    task option."""
     stream = PromptStream("arithmetic", None, "train", 3, {"beyond": True})
     assert [r["prompt"] for r in stream.take(5)] == [tasks.example_at(i, "train", 3, beyond=True).prompt for i in range(5)]
+    mixed = PromptStream("arithmetic", None, "train", 3, {"beyond": 0.5}).take(200)
+    far = [tasks.example_at(i, "train", 3, beyond=True).prompt for i in range(200)]
+    near = [tasks.example_at(i, "train", 3).prompt for i in range(200)]
+    went = [r["prompt"] == f for r, f in zip(mixed, far)]
+    assert all(w or r["prompt"] == n for r, n, w in zip(mixed, near, went))
+    assert 0.35 < np.mean(went) < 0.65
+    # every kind is drawn both ways (the share's coin is not tied to the kind's draw)
+    kinds = {r["kind"] for r in mixed}
+    assert len(kinds) == 6 and {(r["kind"], w) for r, w in zip(mixed, went)} == {(k, w) for k in kinds for w in (1, 0)}
     seen = {}
 
     def fake_grpo(model, out, cfg, resume=False, progress=True):
@@ -269,7 +279,11 @@ def test_prompts_beyond_the_sft_levels(tiny_folder, tmp_path, monkeypatch):
 
     monkeypatch.setattr("mlx_deepseek.train.grpo.grpo", fake_grpo)
     assert main(["train", "grpo", "--out", str(tmp_path / "run"), "--beyond", "--no-progress"]) == 0
-    assert seen["options"] == {"beyond": True}
+    assert seen["options"] == {"beyond": 1.0}
+    assert main(["train", "grpo", "--out", str(tmp_path / "run2"), "--beyond", "0.75", "--no-progress"]) == 0
+    assert seen["options"] == {"beyond": 0.75}
+    with pytest.raises(SystemExit, match="--beyond 1.5"):
+        main(["train", "grpo", "--out", str(tmp_path / "run3"), "--beyond", "1.5", "--no-progress"])
 
 
 def test_train_grpo_command_with_a_raising_reward_and_fuse(tiny_folder, tmp_path):

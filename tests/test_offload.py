@@ -10,7 +10,7 @@ from mlx.utils import tree_flatten
 
 from mlx_deepseek.bench import V2_LITE_SHAPE
 from mlx_deepseek.config import ModelArgs
-from mlx_deepseek.generate import Sampling, generate
+from mlx_deepseek.generate import generate
 from mlx_deepseek.loading import load_model
 from mlx_deepseek.models import Model
 from mlx_deepseek.offload import parse_memory

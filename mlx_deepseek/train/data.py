@@ -10,7 +10,6 @@ checkpoint can store it and a resumed run reads exactly the same rows.
 
 from __future__ import annotations
 
-import random
 from typing import Optional
 
 import numpy as np
@@ -62,10 +61,7 @@ class PackedBatches:
 
     def example(self, position: int):
         """The conversation at `position` (anything with prompt_text and completion; subclasses read files)."""
-        # the coin has a seed of its own: the beyond example's stream is seeded "beyond:{seed}:{position}", and
-        # the same seed would tie its first draw (the kind) to the coin, so only some kinds would go beyond
-        beyond = self.beyond > 0 and random.Random(f"beyond-share:{self.seed}:{position}").random() < self.beyond
-        return tasks.example_at(position, self.split, self.seed, beyond=beyond, **self.task_options)
+        return tasks.mixed_example_at(position, self.split, self.seed, self.beyond, **self.task_options)
 
     def _row(self) -> tuple[list[int], list[int]]:
         n = self.seq_len + 1

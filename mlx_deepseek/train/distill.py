@@ -18,7 +18,7 @@ from ..chat import ASSISTANT, BOS, EOS, USER
 from ..generate import Sampling, batch_generate
 from .data import PackedBatches
 from .grpo import PromptStream, load_for_training, prompt_text, read_jsonl
-from .loop import STATE_FILE, Trainer
+from .loop import Trainer, run_folder
 from .rewards import accuracy_reward, format_reward, with_think
 from .sft import sft_config
 
@@ -93,9 +93,7 @@ def sft_on_jsonl(model_path, rows_file: Union[str, Path], out: Union[str, Path],
                  progress: bool = True) -> Path:
     """SFT of the model (float32; a quantized one dequantized) on a rejection-sampled JSONL file."""
     cfg = cfg or sft_config(eval_every=0)
-    out = Path(out)
-    if out.exists() and any((out / "checkpoints").glob(f"step-*/{STATE_FILE}")) and not resume:
-        raise ValueError(f"{out} holds checkpoints of an earlier run; pass resume=True (--resume) or a new folder")
+    out = run_folder(out, resume)
     rows = read_jsonl_sft(rows_file)
     model, tok, folder = load_for_training(model_path)
     trainer = Trainer(model, tok, cfg, out, progress=progress, tokenizer_dir=folder)

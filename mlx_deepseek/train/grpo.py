@@ -51,7 +51,7 @@ from ..loading import load_model, resolve
 from ..tokenizer import load_tokenizer
 from ..weights import atomic_folder, save_model
 from . import balance, lora, tasks
-from .loop import STATE_FILE, TrainConfig, Trainer, nan_guard, schedule
+from .loop import STATE_FILE, TrainConfig, Trainer, nan_guard, run_folder, schedule
 from .rewards import RewardSet, accuracy_reward, format_reward, language_reward
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
@@ -267,8 +267,10 @@ class PromptStream:
         self.position = 0
 
     def row_at(self, i: int) -> dict:
-        if self.rows is None:
-            return task_row(tasks.example_at(i, self.split, self.seed, **self.task_options))
+        if self.rows is None:  # task option "beyond": the share of prompts beyond the training levels (True: all)
+            options = dict(self.task_options)
+            share = float(options.pop("beyond", 0.0))
+            return task_row(tasks.mixed_example_at(i, self.split, self.seed, share, **options))
         epoch, k = divmod(i, len(self.rows))
         order = list(range(len(self.rows)))
         random.Random(f"{self.seed}:{epoch}").shuffle(order)
@@ -778,9 +780,7 @@ def grpo(model_path, out: Union[str, Path], cfg: Optional[GRPOConfig] = None, re
     mlx.launch (`train grpo --ranks N | --hostfile H`), data-parallel over the ranks."""
     cfg = cfg or GRPOConfig()
     cfg.check()
-    out = Path(out)
-    if out.exists() and any((out / "checkpoints").glob(f"step-*/{STATE_FILE}")) and not resume:
-        raise ValueError(f"{out} holds checkpoints of an earlier run; pass resume=True (--resume) or a new folder")
+    out = run_folder(out, resume)
     if cfg.finetune == "full" and cfg.dequantize is False:
         raise ValueError("full fine-tuning needs float weights (leave dequantize on)")
     model, tok, folder = load_for_training(model_path, cfg.dequantize)

@@ -133,6 +133,14 @@ def schedule(cfg: TrainConfig):
     return optim.join_schedules([optim.linear_schedule(cfg.lr / warmup, cfg.lr, warmup), decay], [warmup])
 
 
+def run_folder(out, resume: bool) -> Path:
+    """`out` as a Path, refused when it holds an earlier run's checkpoints and this run does not resume them."""
+    out = Path(out)
+    if not resume and any((out / "checkpoints").glob(f"step-*/{STATE_FILE}")):
+        raise ValueError(f"{out} holds checkpoints of an earlier run; pass resume=True (--resume) or a new folder")
+    return out
+
+
 def load_float_model(model_path, purpose: str) -> tuple:
     """(model, tokenizer, folder) of the float checkpoint at `model_path` (None: the bundled model), to `purpose` it:
     training moves float weights, so a quantized file is refused."""

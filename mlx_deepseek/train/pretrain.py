@@ -20,7 +20,7 @@ from .. import parallel
 from ..config import ModelArgs
 from ..models import Model
 from ..tokenizer import load_tokenizer
-from .loop import STATE_FILE, TrainConfig, Trainer, init_weights, load_float_model
+from .loop import TrainConfig, Trainer, init_weights, load_float_model, run_folder
 
 NANO_CONFIG = Path(__file__).resolve().parent.parent / "assets" / "nano-r1-config.json"
 
@@ -62,9 +62,7 @@ def pretrain(
 ) -> Path:
     """Pretrain a model into `out` (from scratch, or on from the model folder `init`); returns out/model."""
     cfg = cfg or TrainConfig()
-    out = Path(out)
-    if out.exists() and any((out / "checkpoints").glob(f"step-*/{STATE_FILE}")) and not resume:
-        raise ValueError(f"{out} holds checkpoints of an earlier run; pass resume=True (--resume) or a new folder")
+    out = run_folder(out, resume)
     if init is not None and (config is not None or tokenizer is not None):
         raise ValueError(f"init={init}: the model brings its config and tokenizer; leave out config and tokenizer")
     out.mkdir(parents=True, exist_ok=True)

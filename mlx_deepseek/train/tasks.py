@@ -298,6 +298,15 @@ def render(problem: Problem, lang: str) -> Example:
 
 
 # ---- the generator -----------------------------------------------------------------------------
+def mixed_example_at(index: int, split: str = "train", seed: int = 0, share: float = 0.0, **options) -> Example:
+    """Example `index` of a stream that draws a `share` of its positions beyond the training levels (`example_at`
+    with beyond=True) and the others as usual. The coin has a seed of its own: the beyond example's stream is
+    seeded "beyond:{seed}:{index}", and the same seed would tie its first draw (the kind) to the coin, so only
+    some kinds would go beyond."""
+    beyond = share > 0 and random.Random(f"beyond-share:{seed}:{index}").random() < share
+    return example_at(index, split, seed, beyond=beyond, **options)
+
+
 def example_at(
     index: int,
     split: str = "train",
