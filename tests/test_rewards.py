@@ -39,6 +39,9 @@ def test_accuracy(completion, expected):
 @pytest.mark.parametrize("got, want, ok", [
     ("0.5", "1/2", True), ("\\frac{1}{2}", "0.5", True), ("1,000", "1000", True), ("1000.0000001", "1000", True),
     ("1000.01", "1000", False), ("−7", "-7", True), ("abc", "abc", True), ("abc", "abd", False),
+    pytest.param("9" * 400, "5", False, id="huge-vs-5"),  # beyond a float's range: compared exactly
+    pytest.param("9" * 400 + "/3", "3" * 400, True, id="huge-fraction"),
+    ("0.0000000000001", "0", True), ("0.00001", "0", False),  # the absolute tolerance near zero
 ])
 def test_normalised_and_numeric_comparison(got, want, ok):
     assert accuracy_reward(f"</think>\\boxed{{{got}}}", {**PREFILLED, "answer": want}) == float(ok)

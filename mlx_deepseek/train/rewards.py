@@ -23,7 +23,6 @@ completion (as TRL does for None), is counted per function and never stops the r
 from __future__ import annotations
 
 import importlib.util
-import math
 import re
 import sys
 from dataclasses import dataclass, field
@@ -94,6 +93,9 @@ def _as_number(s: str) -> Optional[Fraction]:
         return None
 
 
+_REL_TOL, _ABS_TOL = Fraction(1, 10**6), Fraction(1, 10**12)
+
+
 def answers_match(got: Optional[str], expected: str) -> bool:
     if got is None:
         return False
@@ -101,7 +103,11 @@ def answers_match(got: Optional[str], expected: str) -> bool:
     if got == want:
         return True
     a, b = _as_number(got), _as_number(want)
-    return a is not None and b is not None and math.isclose(float(a), float(b), rel_tol=1e-6, abs_tol=1e-12)
+    if a is None or b is None:
+        return False
+    # math.isclose's tolerances (relative 1e-6, absolute 1e-12) in exact arithmetic: a model may write a number
+    # too large for a float
+    return abs(a - b) <= max(_REL_TOL * max(abs(a), abs(b)), _ABS_TOL)
 
 
 # ---- the built-in rewards ---------------------------------------------------------------------------
