@@ -220,7 +220,9 @@ def cmd_train(a: argparse.Namespace) -> int:
     if a.train == "plot":
         from .train.plot import plot_grpo, plot_runs
 
-        runs = [(Path(m).parent.name, Path(m)) for m in a.metrics]
+        # a run folder's metrics.jsonl is labelled by its folder, a copied NAME.metrics.jsonl by NAME
+        runs = [(p.parent.name if p.name == "metrics.jsonl" else p.name.removesuffix(".jsonl").removesuffix(".metrics"), p)
+                for p in map(Path, a.metrics)]
         print(f"wrote {(plot_grpo if a.grpo else plot_runs)(runs, Path(a.output))}")
         return 0
     if a.train == "tokenizer":

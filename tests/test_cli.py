@@ -42,3 +42,20 @@ def test_info_defaults_to_the_bundled_model(capsys):
     d = json.loads(capsys.readouterr().out)
     assert d["path"].endswith("nano-r1") and d["model_type"] == "deepseek_v3" and d["mtp_parameters"] > 0
     assert d["quantization"].startswith("affine")
+
+
+def test_train_plot_labels_runs_by_folder_or_copied_file_name(tmp_path, monkeypatch):
+    (tmp_path / "run1").mkdir()
+    files = [tmp_path / "run1" / "metrics.jsonl", tmp_path / "grpo-s8-run2.metrics.jsonl"]
+    row = {"step": 1, "reward": 0.5, "rewards/accuracy": 0.4, "completion_length": 10.0}
+    for f in files:
+        f.write_text(json.dumps({"step": 0, "eval_accuracy": 0.5, "eval_format": 1.0}) + "\n" + json.dumps(row) + "\n")
+    seen = {}
+
+    def fake_plot(runs, out):
+        seen["labels"] = [label for label, _ in runs]
+        return out
+
+    monkeypatch.setattr("mlx_deepseek.train.plot.plot_grpo", fake_plot)
+    assert main(["train", "plot", "--grpo", *map(str, files), "-o", str(tmp_path / "c.png")]) == 0
+    assert seen["labels"] == ["run1", "grpo-s8-run2"]
