@@ -284,6 +284,8 @@ def test_prompts_beyond_the_sft_levels(tiny_folder, tmp_path, monkeypatch):
     assert seen["options"] == {"beyond": 0.75}
     with pytest.raises(SystemExit, match="--beyond 1.5"):
         main(["train", "grpo", "--out", str(tmp_path / "run3"), "--beyond", "1.5", "--no-progress"])
+    with pytest.raises(ValueError, match="beyond with split='hard'"):
+        GRPOConfig(split="hard", task_options={"beyond": 0.5}).check()
 
 
 def test_train_grpo_command_with_a_raising_reward_and_fuse(tiny_folder, tmp_path):

@@ -227,6 +227,8 @@ class GRPOConfig:
             raise ValueError("temperature must be positive (the log-probs are scaled by it)")
         if (self.task is None) == (self.data is None):
             raise ValueError("give exactly one prompt source: a task (--task arithmetic) or a JSONL file (--data)")
+        if self.task_options.get("beyond") and self.split != "train":
+            raise ValueError(f"beyond with split={self.split!r}: only train-side prompts go beyond the training levels (drop --split or --beyond)")
 
     @property
     def lora_settings(self) -> Optional[lora.LoraSettings]:
