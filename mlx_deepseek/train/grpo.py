@@ -228,7 +228,8 @@ class GRPOConfig:
         if (self.task is None) == (self.data is None):
             raise ValueError("give exactly one prompt source: a task (--task arithmetic) or a JSONL file (--data)")
         if self.task_options.get("beyond") and self.split != "train":
-            raise ValueError(f"beyond with split={self.split!r}: only train-side prompts go beyond the training levels (drop --split or --beyond)")
+            raise ValueError(f"beyond with split={self.split!r}: only train-side prompts go beyond the training "
+                             "levels (drop --split or --beyond)")
 
     @property
     def lora_settings(self) -> Optional[lora.LoraSettings]:
