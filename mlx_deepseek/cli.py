@@ -221,8 +221,10 @@ def cmd_train(a: argparse.Namespace) -> int:
         from .train.plot import plot_grpo, plot_runs
 
         # a run folder's metrics.jsonl is labelled by its folder, a copied NAME.metrics.jsonl by NAME
-        runs = [(p.parent.name if p.name == "metrics.jsonl" else p.name.removesuffix(".jsonl").removesuffix(".metrics"), p)
-                for p in map(Path, a.metrics)]
+        paths = [Path(m) for m in a.metrics]
+        labels = [p.parent.name if p.name == "metrics.jsonl" else p.name.removesuffix(".jsonl").removesuffix(".metrics")
+                  for p in paths]
+        runs = list(zip(labels, paths))
         print(f"wrote {(plot_grpo if a.grpo else plot_runs)(runs, Path(a.output))}")
         return 0
     if a.train == "tokenizer":

@@ -574,7 +574,7 @@ class GRPOTrainer(Trainer):
         for k in range(len(batch.groups)):
             (l, stats, c, logps), g = loss_and_grad(self.model, batch, k, n_tokens, max_len, n_sequences)
             grads = g if grads is None else tree_map(mx.add, grads, g)
-            mx.eval(grads, l, stats, c, *([logps] if keep_old else []))
+            mx.eval(grads, l, stats, c, logps)
             if keep_old:
                 old.append(logps)
             loss += l.item()

@@ -82,4 +82,3 @@ def pretrain(
         init_weights(model, cfg.seed)
     trainer = Trainer(model, tok, cfg, out, progress=progress, tokenizer_dir=tok_dir, group=group)
     return trainer.run(resume=resume)
-
