@@ -122,3 +122,20 @@ def test_mla_absorbed_and_expanded_paths_both_match(name, absorb_below):
     for layer in model.layers:
         layer.self_attn.absorb_below = absorb_below
     assert relative_error(model(mx.array(ids)), ref) < 1e-4
+
+
+def test_rope_in_batch_chunks_equals_one_call():
+    """MLX's CUDA RoPE rejects a decode step of 64+ rows x 8 heads at nano-r1's 16 rotated dims (block depth 128 > 64);
+    on CUDA such calls go in batch chunks, which must rotate exactly as one call does, per-row offsets included."""
+    import mlx.nn as nn
+
+    from mlx_deepseek.models.rope import BatchChunkedRoPE, oversized_cuda_block
+
+    assert oversized_cuda_block(16, (64, 8, 1, 16)) and oversized_cuda_block(16, (128, 1, 1, 16))
+    assert not oversized_cuda_block(16, (48, 8, 1, 16))  # depth 64
+    assert not oversized_cuda_block(16, (64, 8, 2, 16))  # two positions: the y axis takes a power of two
+    assert not oversized_cuda_block(64, (512, 16, 1, 64))  # V2/V3's 32 pairs
+    rope = nn.RoPE(16, traditional=True)
+    x = mx.random.normal((200, 8, 1, 16), key=mx.random.key(0))
+    for offset in (mx.arange(200) * 3, 7):
+        assert mx.array_equal(BatchChunkedRoPE(rope, 16)(x, offset=offset), rope(x, offset=offset))
