@@ -96,8 +96,9 @@ def grpo_step(folder: str, case: str, group):
     from mlx.utils import tree_flatten
 
     from mlx_deepseek.train import grpo as G
+    from mlx_deepseek.train.loop import load_for_training
 
-    model, tok, _ = G.load_for_training(folder)
+    model, tok, _ = load_for_training(folder)
     tr = G.GRPOTrainer(model, tok, G.GRPOConfig(**GRPO_RUN, **GRPO_CASES[case]), "/tmp/unused", progress=False,
                        group=group)
     grads, compute, real = [], tr.compute_grads, G.rollout
@@ -116,8 +117,9 @@ def filter_steps(folder: str, group, steps: int = 3):
     score alike (their buckets settle): (each rollout call's prompts, the filter's state, the stream position, the
     prompts skipped per step)."""
     from mlx_deepseek.train import grpo as G
+    from mlx_deepseek.train.loop import load_for_training
 
-    model, tok, _ = G.load_for_training(folder)
+    model, tok, _ = load_for_training(folder)
     cfg = G.GRPOConfig(**GRPO_RUN, loss_type="grpo", skip_settled=2, resample_zero_std=1)
     tr = G.GRPOTrainer(model, tok, cfg, "/tmp/unused", progress=False, group=group)
     seen, real = [], G.rollout

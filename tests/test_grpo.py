@@ -17,10 +17,10 @@ from mlx_lm.models.switch_layers import SwitchLinear
 from mlx_deepseek.cli import main
 from mlx_deepseek.train import lora, tasks
 from mlx_deepseek.train.grpo import (
-    DifficultyFilter, GRPOConfig, GRPOTrainer, PromptStream, RolloutBatch, completion_logps, group_advantages, load_for_training,
+    DifficultyFilter, GRPOConfig, GRPOTrainer, PromptStream, RolloutBatch, completion_logps, group_advantages,
     policy_loss,
 )
-from mlx_deepseek.train.loop import read_metrics
+from mlx_deepseek.train.loop import load_for_training, read_metrics
 from mlx_deepseek.train.vocab import copy_tokenizer
 from mlx_deepseek.weights import save_model
 from test_train import tiny_model

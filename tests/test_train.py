@@ -264,6 +264,11 @@ def test_pretrain_then_resume_then_sft(tok_dir, tmp_path):
     assert [r["step"] for r in read_metrics(out)] == [2, 3, 4, 5]
     sft_out = sft(model_dir, tmp_path / "sft", sft_config(steps=2, **FAST), progress=False)
     assert load(sft_out)[0].args.vocab_size == 512
+    # from a quantized checkpoint (the bundled nano-r1 is one): trained on its dequantized weights, saved as floats
+    assert main(["convert", str(model_dir), "-o", str(tmp_path / "q8"), "-q", "--q-bits", "8", "--q-group-size", "32",
+                 "--no-progress"]) == 0
+    q_out = sft(tmp_path / "q8", tmp_path / "sft-q8", sft_config(steps=1, **FAST), progress=False)
+    assert load(q_out)[0].args.quantization is None
     # a second MTP module trained onto the finished model: it starts as the first; nothing else moves
     deep_out = sft(sft_out, tmp_path / "deep", sft_config(steps=2, **FAST), progress=False, grow_mtp=2)
     before, after = params(load(sft_out)[0]), params(load(deep_out)[0])

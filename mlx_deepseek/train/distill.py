@@ -17,8 +17,8 @@ from typing import Optional, Union
 from ..chat import ASSISTANT, BOS, EOS, USER
 from ..generate import Sampling, batch_generate
 from .data import PackedBatches
-from .grpo import PromptStream, load_for_training, prompt_text, read_jsonl
-from .loop import Trainer, run_folder
+from .grpo import PromptStream, prompt_text, read_jsonl
+from .loop import Trainer, load_for_training, run_folder
 from .rewards import accuracy_reward, format_reward, with_think
 from .sft import sft_config
 

@@ -48,10 +48,9 @@ from .. import parallel
 from ..chat import apply_chat_template
 from ..generate import Sampling, batch_generate
 from ..loading import load_model, resolve
-from ..tokenizer import load_tokenizer
 from ..weights import atomic_folder, save_model
 from . import balance, lora, tasks
-from .loop import STATE_FILE, TrainConfig, Trainer, nan_guard, run_folder, schedule
+from .loop import STATE_FILE, TrainConfig, Trainer, load_for_training, nan_guard, run_folder, schedule
 from .rewards import RewardSet, accuracy_reward, format_reward, language_reward
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
@@ -766,17 +765,6 @@ def evaluate_rows(model, tokenizer, rows: list[dict], max_tokens: int = 256, bat
 
 
 # ---- loading and the entry point ----------------------------------------------------------------------
-def load_for_training(model_path, dequantize: bool = True):
-    """(model, tokenizer, folder): float32 weights (a quantized checkpoint dequantized, unless asked not to)."""
-    folder = resolve(model_path)
-    model = load_model(folder, dtype="float32")
-    if model.args.quantization is not None and dequantize:
-        lora.dequantize(model)
-        model.update(tree_map(lambda p: p.astype(mx.float32), model.parameters()))
-        mx.eval(model.parameters())
-    return model, load_tokenizer(folder), folder
-
-
 def grpo(model_path, out: Union[str, Path], cfg: Optional[GRPOConfig] = None, resume: bool = False,
          progress: bool = True) -> Path:
     """GRPO-train the model at `model_path` (None: the bundled nano-r1) into `out`; returns out/model. Started by

@@ -30,7 +30,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
-from mlx.utils import tree_flatten, tree_unflatten
+from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from .. import parallel
 from ..loading import load_model, resolve
@@ -141,13 +141,15 @@ def run_folder(out, resume: bool) -> Path:
     return out
 
 
-def load_float_model(model_path, purpose: str) -> tuple:
-    """(model, tokenizer, folder) of the float checkpoint at `model_path` (None: the bundled model), to `purpose` it:
-    training moves float weights, so a quantized file is refused."""
+def load_for_training(model_path, dequantize: bool = True) -> tuple:
+    """(model, tokenizer, folder) of the checkpoint at `model_path` (None: the bundled model) in float32; a quantized
+    checkpoint's weights are dequantized, or with dequantize=False left quantized (LoRA over a quantized base)."""
     folder = resolve(model_path)
     model = load_model(folder, dtype="float32")
-    if model.args.quantization is not None:
-        raise ValueError(f"{folder}: a quantized model; {purpose} the float checkpoint (or dequantize it first)")
+    if model.args.quantization is not None and dequantize:
+        lora.dequantize(model)
+        model.update(tree_map(lambda p: p.astype(mx.float32), model.parameters()))
+        mx.eval(model.parameters())
     return model, load_tokenizer(folder), folder
 
 

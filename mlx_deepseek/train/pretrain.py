@@ -20,7 +20,7 @@ from .. import parallel
 from ..config import ModelArgs
 from ..models import Model
 from ..tokenizer import load_tokenizer
-from .loop import TrainConfig, Trainer, init_weights, load_float_model, run_folder
+from .loop import TrainConfig, Trainer, init_weights, load_for_training, run_folder
 
 NANO_CONFIG = Path(__file__).resolve().parent.parent / "assets" / "nano-r1-config.json"
 
@@ -68,7 +68,7 @@ def pretrain(
     out.mkdir(parents=True, exist_ok=True)
     group = parallel.active(mx.distributed.init())  # data parallelism when started by mlx.launch
     if init is not None:
-        model, tok, tok_dir = load_float_model(init, "continue pretraining")
+        model, tok, tok_dir = load_for_training(init)
     else:
         if group is not None and group.rank() != 0:
             mx.eval(parallel.global_sum(mx.array(0.0), group))  # wait for rank 0's tokenizer

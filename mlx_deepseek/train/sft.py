@@ -24,7 +24,7 @@ from mlx.utils import tree_flatten
 
 from ..models import Model
 from .lora import LoraSettings
-from .loop import TrainConfig, Trainer, load_float_model, run_folder
+from .loop import TrainConfig, Trainer, load_for_training, run_folder
 
 SFT_DEFAULTS = {"lr": 1e-3, "warmup": 20, "steps": 500, "mask_prompt": True}
 
@@ -46,7 +46,7 @@ def sft(
     """Fine-tune the model at `model_path` (None: the bundled model) into `out`; returns out/model."""
     cfg = replace(cfg or sft_config(), mask_prompt=True)
     out = run_folder(out, resume)
-    model, tok, folder = load_float_model(model_path, "fine-tune")
+    model, tok, folder = load_for_training(model_path)
     if grow_mtp is not None and adapters is not None:
         raise ValueError("grow_mtp trains whole new MTP modules; leave out the adapters (--finetune lora)")
     if grow_mtp is not None:
