@@ -29,8 +29,12 @@ def oversized_cuda_block(dims: int, shape: tuple) -> bool:
     one position) and 128 or more batch-head slots the z depth reaches 128 and the launch fails
     ("cudaGraphAddKernelNode ... invalid argument"). Real DeepSeek widths (32 pairs) never get there."""
     pairs, positions = dims // 2, shape[-2]
-    slots = shape[0] * -(-math.prod(shape[1:-2]) // 4)
-    return slots >= 128 and (pairs.bit_length() - 1) + (positions.bit_length() - 1) <= 3
+    return shape[0] * _head_slots(shape) >= 128 and (pairs.bit_length() - 1) + (positions.bit_length() - 1) <= 3
+
+
+def _head_slots(shape: tuple) -> int:
+    """The kernel's z slots per batch row: ceil(heads / 4) (a thread rotates four heads)."""
+    return -(-math.prod(shape[1:-2]) // 4)
 
 
 class BatchChunkedRoPE(nn.Module):
@@ -43,7 +47,7 @@ class BatchChunkedRoPE(nn.Module):
     def __call__(self, x: mx.array, offset=0) -> mx.array:
         if not oversized_cuda_block(self.dims, x.shape):
             return self.rope(x, offset=offset)
-        rows = max(1, 64 // -(-math.prod(x.shape[1:-2]) // 4))
+        rows = max(1, 64 // _head_slots(x.shape))
         per_row = isinstance(offset, mx.array) and offset.ndim > 0
         return mx.concatenate([
             self.rope(x[s : s + rows], offset=offset[s : s + rows] if per_row else offset)
