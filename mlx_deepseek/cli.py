@@ -326,6 +326,8 @@ def cmd_grpo(a: argparse.Namespace) -> int:
     if a.reward:
         settings["rewards"] = parse_weights(a.reward)
     options = {"levels": tuple(a.levels)} if a.levels else {}
+    if a.kinds:
+        options["kinds"] = tuple(a.kinds)
     if a.beyond is not None:
         if not 0 < a.beyond <= 1:
             raise SystemExit(f"--beyond {a.beyond}: a share of the prompts, above 0 and at most 1")
@@ -390,6 +392,8 @@ def _lora_flags(a: argparse.Namespace) -> dict:
 
 
 def _add_grpo_parsers(kinds) -> None:
+    from .train.tasks import KINDS
+
     g = kinds.add_parser("grpo", help="GRPO with rule-based rewards (the R1 recipe): LoRA/DoRA or full")
     g.add_argument("--model", default=None, help="model folder to train (default: the bundled nano-r1)")
     g.add_argument("--out", required=True, help="run folder: checkpoints/, metrics.jsonl, model/, adapters/")
@@ -398,6 +402,9 @@ def _add_grpo_parsers(kinds) -> None:
     src.add_argument("--data", help="prompts from a JSONL file (prompt, answer, optional lang and bucket)")
     g.add_argument("--split", choices=("train", "heldout", "hard"), help="task split of the prompts")
     g.add_argument("--levels", type=int, nargs=2, metavar=("LO", "HI"), help="task difficulty levels (digits)")
+    g.add_argument("--kinds", nargs="+", choices=KINDS, metavar="KIND",
+                   help=f"task kinds of the prompts, drawn uniformly from the list (repeat one to weight it): "
+                        f"{', '.join(KINDS)}")
     g.add_argument("--beyond", type=float, nargs="?", const=1.0, metavar="SHARE",
                    help="train-split prompts at the hard split's levels (more digits than SFT saw; no hard-split "
                         "problem): all of them, or SHARE of them and the rest at the training levels")

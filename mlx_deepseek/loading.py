@@ -64,6 +64,7 @@ def load_model(path_or_repo: Union[str, Path], dtype=None, lazy: bool = False, e
     dtype = _dtype(dtype)
     problems: list[str] = []
     weights = read_weights(folder, args, dtype, problems)
+    weights = for_device(weights, args)
     model = Model(args)
     if args.quantization is not None:
         quantize_like(model, args.quantization, set(weights))
@@ -73,7 +74,6 @@ def load_model(path_or_repo: Union[str, Path], dtype=None, lazy: bool = False, e
         offload_experts(model, folder, expert_memory, dtype=dtype, **(offload or {}))
         weights = {k: v for k, v in weights.items() if ".switch_mlp." not in k}  # lazy, so never read
     check_weights(model, weights, str(folder), problems)
-    weights = _cpu_friendly(weights)
     model.load_weights(list(weights.items()), strict=False)
     model.eval()
     if not lazy:
@@ -81,14 +81,44 @@ def load_model(path_or_repo: Union[str, Path], dtype=None, lazy: bool = False, e
     return model
 
 
-def _cpu_friendly(weights: dict[str, mx.array]) -> dict[str, mx.array]:
-    """MLX's CPU gather_mm runs only in float32: there, keep unquantized routed experts in float32."""
-    if mx.default_device() != mx.cpu:
+CUDA_MIN_QUANTIZED_INPUT = 128
+"""MLX 0.32's CUDA `quantized_matmul` gets products with a 64-wide input wrong at more than one row (4 bits:
+wrong values, 8 bits: no kernel; H200, BENCHMARKS.md), so on CUDA narrower quantized layers load dequantized."""
+
+
+def for_device(weights: dict[str, mx.array], args: ModelArgs) -> dict[str, mx.array]:
+    """The checkpoint's tensors as the default device can run them. CPU: unquantized routed experts in float32
+    (MLX's CPU gather_mm runs only in float32). CUDA: quantized layers whose input is narrower than
+    CUDA_MIN_QUANTIZED_INPUT dequantized, and marked float in `args.quantization` (so a saved copy says so)."""
+    if mx.default_device() == mx.cpu:
+        return {
+            k: v.astype(mx.float32) if ".switch_mlp." in k and v.dtype in (mx.float16, mx.bfloat16) else v
+            for k, v in weights.items()
+        }
+    if args.quantization is None or not mx.cuda.is_available():
         return weights
-    return {
-        k: v.astype(mx.float32) if ".switch_mlp." in k and v.dtype in (mx.float16, mx.bfloat16) else v
-        for k, v in weights.items()
-    }
+    return dequantize_narrow(weights, args, CUDA_MIN_QUANTIZED_INPUT)
+
+
+def dequantize_narrow(weights: dict[str, mx.array], args: ModelArgs, min_input: int) -> dict[str, mx.array]:
+    """`weights` with each quantized layer whose input is narrower than `min_input` dequantized (in its scales'
+    dtype); `args.quantization` gets a copy that marks those layers float."""
+    q = dict(args.quantization)
+    out = dict(weights)
+    for key in weights:
+        if not key.endswith(".scales"):
+            continue
+        path = key[: -len(".scales")]
+        params = q.get(path) or q
+        bits, group_size, mode = params["bits"], params["group_size"], params.get("mode", "affine")
+        w = weights[f"{path}.weight"]
+        if w.shape[-1] * 32 // bits >= min_input:
+            continue
+        biases = out.pop(f"{path}.biases", None)
+        out[f"{path}.weight"] = mx.dequantize(w, out.pop(key), biases, group_size=group_size, bits=bits, mode=mode)
+        q[path] = False
+    args.quantization = q
+    return out
 
 
 def load(path_or_repo: Union[str, Path], dtype=None, lazy: bool = False, expert_memory=None,

@@ -286,6 +286,13 @@ def test_prompts_beyond_the_sft_levels(tiny_folder, tmp_path, monkeypatch):
         main(["train", "grpo", "--out", str(tmp_path / "run3"), "--beyond", "1.5", "--no-progress"])
     with pytest.raises(ValueError, match="beyond with split='hard'"):
         GRPOConfig(split="hard", task_options={"beyond": 0.5}).check()
+    # --kinds: the prompt mix, a kind repeated drawn that much more often (here count: 2 of 3, beyond or not)
+    assert main(["train", "grpo", "--out", str(tmp_path / "run4"), "--kinds", "add", "count", "count", "--beyond",
+                 "0.5", "--no-progress"]) == 0
+    assert seen["options"] == {"kinds": ("add", "count", "count"), "beyond": 0.5}
+    rows = PromptStream("arithmetic", None, "train", 3, seen["options"]).take(300)
+    counts = [r["kind"].startswith("count") for r in rows]
+    assert {r["kind"] for r in rows} == {"add", "count_items", "count_letter"} and 0.58 < np.mean(counts) < 0.75
 
 
 def test_train_grpo_command_with_a_raising_reward_and_fuse(tiny_folder, tmp_path):

@@ -59,3 +59,30 @@ def test_bfloat16_moe_runs_on_this_device():
     # bf16 rounding may flip close expert choices, so compare loosely: the same next-token ranking mostly
     agree = np.mean(np.array(half.argmax(-1)) == np.array(full.argmax(-1)))
     assert agree > 0.7 and relative_error(half, full) < 0.5
+
+
+def test_narrow_quantized_layers_load_dequantized(tmp_path):
+    """What CUDA gets (loading.for_device): quantized layers with inputs narrower than the kernels handle are
+    dequantized and marked float; the model computes the same logits, the wider layers stay quantized."""
+    import mlx.nn as nn
+    from convert import convert
+
+    from mlx_deepseek.config import ModelArgs
+    from mlx_deepseek.loading import dequantize_narrow
+    from mlx_deepseek.models import Model
+    from mlx_deepseek.weights import quantize_like, read_weights
+
+    q = tmp_path / "q4"
+    convert(FIXTURES / "deepseek_v3", q, q_bits=4, q_group_size=32, progress=False)
+    ids = mx.array(np.load(FIXTURES / "deepseek_v3" / "reference.npz")["input_ids"])
+    quantized = load_model(q)
+    args = ModelArgs.from_file(q)
+    weights = dequantize_narrow(read_weights(q, args, None, []), args, min_input=64)
+    model = Model(args)
+    quantize_like(model, args.quantization, set(weights))
+    model.load_weights(list(weights.items()))  # strict: no scales left over, none missing
+    attn = model.layers[0].self_attn
+    assert type(attn.q_b_proj) is nn.Linear and args.quantization["model.layers.0.self_attn.q_b_proj"] is False
+    assert isinstance(attn.q_a_proj, nn.QuantizedLinear) and isinstance(attn.o_proj, nn.QuantizedLinear)
+    assert "model.layers.0.self_attn.q_b_proj" not in quantized.args.quantization
+    assert relative_error(model(ids), quantized(ids)) < 1e-5

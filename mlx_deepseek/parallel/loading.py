@@ -20,7 +20,7 @@ import mlx.core as mx
 import numpy as np
 
 from ..config import ModelArgs
-from ..loading import _cpu_friendly, _dtype, resolve
+from ..loading import _dtype, for_device, resolve
 from ..models import Model
 from ..offload.source import ExpertReader, Span, _data_start
 from ..weights import check_weights, hf_to_mlx, quantize_like, read_header, weight_files
@@ -133,14 +133,14 @@ def load_sharded(
     if active(group) is None:
         shard = Shard(parallel, 0, 1, range(args.num_hidden_layers), None)
     problems: list[str] = []
-    weights = local_weights(folder, args, shard, _dtype(dtype), problems)
+    weights = for_device(local_weights(folder, args, shard, _dtype(dtype), problems), args)
     model = Model(args)
     if active(group) is not None:
         (shard_experts if parallel == "ep" else pipeline)(model, group)
     if args.quantization is not None:
         quantize_like(model, args.quantization, set(weights))
     check_weights(model, weights, f"{folder} (rank {shard.rank} of {shard.size}, {parallel})", problems)
-    model.load_weights(list(_cpu_friendly(weights).items()), strict=False)
+    model.load_weights(list(weights.items()), strict=False)
     model.eval()
     mx.eval(model.parameters())
     object.__setattr__(model, "shard", shard)  # a plain attribute, not a parameter
