@@ -173,7 +173,7 @@ def switch_model(engine: Engine, session: Session, choice: str, folder: str) -> 
         return (gr.skip(), f"⚠️ Could not load {target}: {type(e).__name__}: {e}", gr.skip(), *([gr.skip()] * 7))
     session.stop.set()
     session.reset()
-    mtp = gr.Checkbox(value=engine.has_mtp, interactive=engine.has_mtp)
+    mtp = gr.Checkbox(value=engine.mtp_pays, interactive=engine.has_mtp)
     return (views.model_html(engine.info), f"Loaded {engine.folder}.", mtp, "", [], "", *expert_views(engine, session))
 
 
@@ -208,8 +208,8 @@ def build_app(engine: Engine) -> gr.Blocks:
                     top_p = gr.Slider(0.05, 1.0, value=0.95, step=0.05, label="top-p")
                     max_tokens = gr.Slider(16, engine.context, value=min(512, engine.context), step=16, label="max tokens")
                     seed = gr.Number(value=-1, precision=0, label="seed (-1: random)")
-                    mtp = gr.Checkbox(value=engine.has_mtp, interactive=engine.has_mtp,
-                                      label="MTP speculative decoding (same outputs, fewer steps)")
+                    mtp = gr.Checkbox(value=engine.mtp_pays, interactive=engine.has_mtp, elem_id="mlxds-mtp",
+                                      label="MTP speculative decoding (same outputs, fewer steps; pays on a GPU)")
                 with gr.Accordion("Model", open=False):
                     choice = gr.Dropdown([label for label, _ in local_models()], value=BUNDLED_LABEL,
                                          label="bundled model or hub-cache entry", allow_custom_value=True)

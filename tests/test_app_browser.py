@@ -13,6 +13,7 @@ import socket
 import tempfile
 import time
 
+import mlx.core as mx
 import pytest
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -114,6 +115,10 @@ def test_chat_in_a_real_browser(app_url, browser, outside_connections, tmp_path)
     browser.get(app_url)
     wait = WebDriverWait(browser, 60, poll_frequency=0.2)
     box = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#mlxds-input textarea"))
+    mtp = browser.find_element(By.CSS_SELECTOR, "#mlxds-mtp input[type=checkbox]")
+    assert mtp.is_selected() == (mx.default_device() != mx.cpu)  # MTP starts on where it pays: on a GPU
+    if not mtp.is_selected():
+        mtp.click()
     box.send_keys(QUESTION)
     browser.find_element(By.CSS_SELECTOR, "#mlxds-send").click()
 
