@@ -127,6 +127,7 @@ def test_a_lora_step_changes_the_adapters_and_nothing_else(tiny_folder, tmp_path
     for key in ("reward", "rewards/accuracy", "rewards/format", "rewards/language", "kl", "entropy", "clip_region",
                 "completion_length", "truncation", "zero_std_frac", "grad_norm", "load_max_mean"):
         assert key in row, key
+    assert 0 < row["rollout_seconds"] < row["step_seconds"]
     # the reference (adapters disabled) is the base model
     x = mx.array([[1, 5, 9, 12]])
     base = tiny_model()

@@ -659,7 +659,8 @@ class GRPOTrainer(Trainer):
             "zero_std_frac": batch.zero_std_frac,
             **({"skipped": self.filter.take_skipped()} if self.filter.patience else {}),
             "lr": float(self.optimizer.learning_rate.item()),
-            "gen_tokens_per_s": float(gen_tokens / max(gen_seconds, 1e-9)), "step_seconds": seconds,
+            "gen_tokens_per_s": float(gen_tokens / max(gen_seconds, 1e-9)), "rollout_seconds": float(gen_seconds),
+            "step_seconds": seconds,
             "reward_errors": dict(self.reward_set.errors),
         })
         if "counts" in updates[0]:
