@@ -132,7 +132,7 @@ def dequantize_stream(
             w, scales = parts["weight"], parts["scales"]
             in_dim = in_dims.get(path)
             if in_dim is None:  # fall back to the config's block
-                p = block.get(path) if isinstance(block.get(path), dict) else block
+                p = args.quantization_of(path)
                 bits, group = p["bits"], p["group_size"]
             else:
                 bits, group = w.shape[-1] * 32 // in_dim, in_dim // scales.shape[-1]

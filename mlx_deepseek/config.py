@@ -180,6 +180,11 @@ class ModelArgs:
     def attention_head_dim(self) -> int:
         return self.head_dim or self.hidden_size // self.num_attention_heads
 
+    def quantization_of(self, path: str) -> dict:
+        """The {bits, group_size, mode} of the quantized layer at `path`: its own entry, else the defaults."""
+        entry = (self.quantization or {}).get(path)
+        return entry if isinstance(entry, dict) else (self.quantization or {})
+
     def is_moe_layer(self, layer: int) -> bool:
         """DeepSeekMoE layout: the first k layers dense, then every `moe_layer_freq`-th layer MoE."""
         return (

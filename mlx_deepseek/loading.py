@@ -109,7 +109,7 @@ def dequantize_narrow(weights: dict[str, mx.array], args: ModelArgs, min_input: 
         if not key.endswith(".scales"):
             continue
         path = key[: -len(".scales")]
-        params = q.get(path) or q
+        params = args.quantization_of(path)
         bits, group_size, mode = params["bits"], params["group_size"], params.get("mode", "affine")
         w = weights[f"{path}.weight"]
         if w.shape[-1] * 32 // bits >= min_input:
