@@ -370,10 +370,11 @@ def cmd_distill(a: argparse.Namespace) -> int:
 
 
 _GRPO_SETTINGS = (  # flag -> GRPOConfig field
-    "steps", "prompts_per_step", "group_size", "max_completion_tokens", "temperature", "top_p", "loss_type",
-    "scale_rewards", "beta", "epsilon", "epsilon_high", "mu", "resample_zero_std", "skip_settled", "lr", "warmup", "min_lr_ratio",
-    "weight_decay", "grad_clip", "finetune", "bias_gamma", "reward_file", "task", "split", "data_seed", "seed",
-    "eval_every", "eval_split", "eval_data", "eval_n", "eval_max_tokens", "log_every", "save_every", "max_minutes",
+    "steps", "prompts_per_step", "group_size", "max_completion_tokens", "micro_batch_tokens", "temperature", "top_p",
+    "loss_type", "scale_rewards", "beta", "epsilon", "epsilon_high", "mu", "resample_zero_std", "skip_settled", "lr",
+    "warmup", "min_lr_ratio", "weight_decay", "grad_clip", "finetune", "bias_gamma", "reward_file", "task", "split",
+    "data_seed", "seed", "eval_every", "eval_split", "eval_data", "eval_n", "eval_max_tokens", "log_every",
+    "save_every", "max_minutes",
 )
 
 
@@ -412,6 +413,8 @@ def _add_grpo_parsers(kinds) -> None:
     g.add_argument("--prompts", dest="prompts_per_step", type=int, help="prompts per step")
     g.add_argument("--group-size", type=int, help="samples per prompt (G)")
     g.add_argument("--max-completion-tokens", type=int)
+    g.add_argument("--micro-batch-tokens", type=int, help="padded tokens per forward/backward pass (rows of like "
+                   "length go together; lower it to save memory)")
     g.add_argument("--temp", dest="temperature", type=float, help="sampling temperature (log-probs are scaled by it)")
     g.add_argument("--top-p", type=float)
     g.add_argument("--loss-type", choices=("grpo", "bnpo", "dr_grpo", "dapo"))

@@ -17,8 +17,8 @@ from mlx_lm.models.switch_layers import SwitchLinear
 from mlx_deepseek.cli import main
 from mlx_deepseek.train import lora, tasks
 from mlx_deepseek.train.grpo import (
-    DifficultyFilter, GRPOConfig, GRPOTrainer, PromptStream, RolloutBatch, completion_logps, group_advantages,
-    policy_loss,
+    DifficultyFilter, GRPOConfig, GRPOTrainer, Group, PromptStream, RolloutBatch, completion_logps,
+    group_advantages, micro_batches, policy_loss,
 )
 from mlx_deepseek.train.loop import load_for_training, read_metrics
 from mlx_deepseek.train.vocab import copy_tokenizer
@@ -144,17 +144,51 @@ def test_mu_2_keeps_the_log_probs_of_the_weights_before_the_first_update(tiny_fo
     tr = _trainer(tiny_folder, tmp_path / "mu2", mu=2)
     batch = tr.make_batch()
     tr.prepare(batch)
-    before = [np.array(tr.group_logps(tr.model, g)[0]) for g in batch.groups]
+    before = [np.array(tr.micro_logps(tr.model, mb)[0]) for mb in batch.micro]
     assert not batch.old_logps
     tr.optimizer.update(tr.model, tr.compute_grads(batch)[0])
-    assert len(batch.old_logps) == len(batch.groups)
+    assert len(batch.old_logps) == len(batch.micro)
     for kept, fresh in zip(batch.old_logps, before):
         np.testing.assert_allclose(np.array(kept), fresh, rtol=1e-5, atol=1e-6)
-    moved = [np.array(tr.group_logps(tr.model, g)[0]) for g in batch.groups]
+    moved = [np.array(tr.micro_logps(tr.model, mb)[0]) for mb in batch.micro]
     assert max(np.abs(m - b).max() for m, b in zip(moved, before)) > 1e-6  # the update moved them; old ones stay
     tr.compute_grads(batch)
     for kept, fresh in zip(batch.old_logps, before):
         np.testing.assert_allclose(np.array(kept), fresh, rtol=1e-5, atol=1e-6)
+
+
+def test_micro_batches_pack_rows_of_like_length_and_change_no_log_prob_or_gradient(tiny_folder, tmp_path):
+    rng = np.random.default_rng(0)
+    groups = [Group(row={}, prompt_ids=rng.integers(3, 60, p).tolist(),
+                    completions=[rng.integers(3, 60, n).tolist() for n in lengths], texts=[""] * 3,
+                    truncated=[False] * 3, rewards=np.zeros((3, 1)))
+              for p, lengths in ((4, (2, 9, 5)), (7, (1, 3, 12)))]
+    micro = micro_batches(groups, max_tokens=24)
+    assert sorted(i for mb in micro for i in mb.rows.tolist()) == list(range(6))
+    assert all(mb.inputs.size <= 24 or len(mb.rows) == 1 for mb in micro) and len(micro) > 1
+    tr = _trainer(tiny_folder, tmp_path / "mb", beta=0.04)
+    seqs = [(g.prompt_ids, c) for g in groups for c in g.completions]
+    for mb in micro:  # each row's log-probs: those of a forward pass of that row alone
+        logps, _ = tr.micro_logps(tr.model, mb)
+        for b, i in enumerate(mb.rows.tolist()):
+            prompt, completion = seqs[i]
+            alone = tr.model(mx.array([prompt + completion[:-1]]))[0, len(prompt) - 1:]
+            expected = np.array(completion_logps(alone, mx.array(completion)))[0]
+            np.testing.assert_allclose(np.array(logps[b, : len(completion)]), expected, atol=1e-5)
+
+    def grads(max_tokens):
+        batch = RolloutBatch(groups, rng.normal(size=6).astype(np.float32), np.zeros((6, 1)), np.zeros(6), 0.0, 0, 0.0)
+        tr.cfg.micro_batch_tokens = max_tokens
+        tr.prepare(batch)
+        return len(batch.micro), dict(tree_flatten(tr.compute_grads(batch)[0]))
+
+    rng = np.random.default_rng(1)
+    n_one, one = grads(1)  # every row alone
+    rng = np.random.default_rng(1)
+    n_all, together = grads(4096)
+    assert (n_one, n_all) == (6, 1)
+    for k in one:
+        np.testing.assert_allclose(np.array(together[k]), np.array(one[k]), atol=1e-5)
 
 
 def test_dora_and_full_finetuning_steps(tiny_folder, tmp_path):

@@ -166,6 +166,7 @@ class GRPOConfig:
     prompts_per_step: int = 4
     group_size: int = 8  # G
     max_completion_tokens: int = 256
+    micro_batch_tokens: int = 4096  # padded tokens of a forward/backward pass (rows of like length go together)
     temperature: float = 1.0
     top_p: float = 1.0
     loss_type: str = "dapo"  # TRL's default
@@ -208,8 +209,8 @@ class GRPOConfig:
     from_dict = classmethod(TrainConfig.from_dict.__func__)  # the loop's: unknown names refused, betas a tuple
 
     def check(self) -> None:
-        for name in ("steps", "prompts_per_step", "max_completion_tokens", "mu", "log_every", "save_every",
-                     "keep_checkpoints"):
+        for name in ("steps", "prompts_per_step", "max_completion_tokens", "micro_batch_tokens", "mu", "log_every",
+                     "save_every", "keep_checkpoints"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)}: must be at least 1")
         if self.skip_settled < 0 or self.skip_settled == 1:
@@ -381,13 +382,57 @@ class RolloutBatch:
     zero_std_frac: float
     gen_tokens: int
     gen_seconds: float
-    old_logps: list = field(default_factory=list)  # per group [G, C] (mu > 1: kept by the first update)
-    ref_logps: list = field(default_factory=list)  # per group [G, C] (beta != 0)
+    micro: list = field(default_factory=list)  # the MicroBatches of the forward passes (`prepare`)
+    old_logps: list = field(default_factory=list)  # per micro-batch [B, C] (mu > 1: kept by the first update)
+    ref_logps: list = field(default_factory=list)  # per micro-batch [B, C] (beta != 0)
     drawn: Optional[np.ndarray] = None  # [all rollouts drawn, F]: with resampling, more rows than `rewards`
 
     @property
     def n_sequences(self) -> int:
         return len(self.advantages)
+
+
+@dataclass
+class MicroBatch:
+    """Rows of a rollout batch that one forward (and backward) pass takes together: each row its prompt and its
+    completion but the last token, right-padded (causal attention: padding after a row changes nothing before)."""
+
+    rows: np.ndarray  # the rows' places in the batch (advantages' order)
+    inputs: mx.array  # [B, W]
+    ids: mx.array  # [B, C] completion tokens, right-padded
+    mask: mx.array  # [B, C]
+    positions: mx.array  # [B, C] the input position whose output predicts each completion token
+
+
+def micro_batches(groups: list[Group], max_tokens: int) -> list[MicroBatch]:
+    """The batch's rows sorted by length and cut into micro-batches of at most `max_tokens` padded tokens (a
+    longer row goes alone). Rows of one length go together, so padding (and attention's quadratic cost over it,
+    which a group's one long completion used to impose on all G rows) is small."""
+    seqs = [(g.prompt_ids, c) for g in groups for c in g.completions]
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i][0]) + len(seqs[i][1]))
+    chunks, current = [], []
+    for i in order:
+        width = len(seqs[i][0]) + len(seqs[i][1]) - 1  # the longest so far: rows come sorted
+        if current and (len(current) + 1) * width > max_tokens:
+            chunks.append(current)
+            current = []
+        current.append(i)
+    chunks.append(current)
+    out = []
+    for rows in chunks:
+        width = max(len(seqs[i][0]) + len(seqs[i][1]) - 1 for i in rows)
+        span = max(len(seqs[i][1]) for i in rows) or 1
+        inputs = np.zeros((len(rows), width), dtype=np.int32)
+        ids, mask, positions = (np.zeros((len(rows), span), dtype=np.int32) for _ in range(3))
+        for b, i in enumerate(rows):
+            prompt, completion = seqs[i]
+            full = list(prompt) + list(completion[:-1])
+            inputs[b, : len(full)] = full
+            ids[b, : len(completion)] = completion
+            mask[b, : len(completion)] = 1
+            positions[b] = np.minimum(len(prompt) - 1 + np.arange(span), width - 1)
+        out.append(MicroBatch(np.array(rows), mx.array(inputs), mx.array(ids), mx.array(mask), mx.array(positions)))
+    return out
 
 
 # ---- the trainer --------------------------------------------------------------------------------------
@@ -503,49 +548,35 @@ class GRPOTrainer(Trainer):
         return zero.reshape(-1, self.cfg.group_size)[:, 0]
 
     # ---- forward passes ------------------------------------------------------------------------------
-    @staticmethod
-    def _inputs(group: Group) -> tuple[mx.array, mx.array, mx.array, int]:
-        """(model input [G, P + C - 1], completion ids [G, C] right-padded, mask [G, C], P)."""
-        width = max(len(c) for c in group.completions) or 1
-        ids = np.zeros((len(group.completions), width), dtype=np.int32)
-        mask = np.zeros_like(ids)
-        for i, c in enumerate(group.completions):
-            ids[i, : len(c)] = c
-            mask[i, : len(c)] = 1
-        prompt = np.broadcast_to(np.array(group.prompt_ids, dtype=np.int32), (len(ids), len(group.prompt_ids)))
-        inputs = np.concatenate([prompt, ids[:, :-1]], axis=1)
-        return mx.array(inputs), mx.array(ids), mx.array(mask), len(group.prompt_ids)
-
-    def group_logps(self, model, group: Group) -> tuple[mx.array, mx.array]:
-        """Temperature-scaled log-probs and entropies of a group's completion tokens, the prompt as context."""
-        inputs, ids, _, p = self._inputs(group)
-        hidden = model.model(inputs)[:, p - 1:]
-        return completion_logps(model.logits(hidden), ids, self.cfg.temperature)
+    def micro_logps(self, model, mb: MicroBatch) -> tuple[mx.array, mx.array]:
+        """Temperature-scaled log-probs and entropies [B, C] of a micro-batch's completion tokens, each row's
+        prompt as its context."""
+        hidden = mx.take_along_axis(model.model(mb.inputs), mb.positions[..., None], axis=1)
+        return completion_logps(model.logits(hidden), mb.ids, self.cfg.temperature)
 
     def prepare(self, batch: RolloutBatch) -> None:
-        """Reference log-probs (beta != 0), no gradient. (The old log-probs of mu > 1 are those of the first
-        update's forward pass: `compute_grads` keeps them.)"""
+        """The batch's micro-batches and, with beta != 0, its reference log-probs (no gradient). (The old
+        log-probs of mu > 1 are those of the first update's forward pass: `compute_grads` keeps them.)"""
         cfg = self.cfg
+        batch.micro = micro_batches(batch.groups, cfg.micro_batch_tokens)
         if cfg.beta != 0.0:
             if self.lora is not None:
                 with lora.adapters_disabled(self.model):
-                    batch.ref_logps = [self.group_logps(self.model, g)[0] for g in batch.groups]
+                    batch.ref_logps = [self.micro_logps(self.model, mb)[0] for mb in batch.micro]
                     mx.eval(batch.ref_logps)
             else:
-                batch.ref_logps = [self.group_logps(self.ref_model, g)[0] for g in batch.groups]
+                batch.ref_logps = [self.micro_logps(self.ref_model, mb)[0] for mb in batch.micro]
                 mx.eval(batch.ref_logps)
         if self.trace is not None:
             self.trace.clear()
 
     def _micro_loss(self, model, batch: RolloutBatch, k: int, n_tokens: float, max_len: int, n_sequences: float):
-        cfg, g = self.cfg, batch.groups[k]
+        cfg, mb = self.cfg, batch.micro[k]
         if self.trace is not None:
             self.trace.clear()
-        _, _, mask, _ = self._inputs(g)
-        logps, entropy = self.group_logps(model, g)
-        rows = slice(k * cfg.group_size, (k + 1) * cfg.group_size)
+        logps, entropy = self.micro_logps(model, mb)
         loss, stats = policy_loss(
-            logps, mask, mx.array(batch.advantages[rows]),
+            logps, mb.mask, mx.array(batch.advantages[mb.rows]),
             old_logps=batch.old_logps[k] if batch.old_logps else None,
             ref_logps=batch.ref_logps[k] if batch.ref_logps else None,
             beta=cfg.beta, epsilon=cfg.epsilon, epsilon_high=cfg.epsilon_high, loss_type=cfg.loss_type,
@@ -558,7 +589,7 @@ class GRPOTrainer(Trainer):
 
     def compute_grads(self, batch: RolloutBatch) -> tuple[dict, dict]:
         """THE gradient of the GRPO loss of one rollout batch w.r.t. the trainable parameters (summed over the
-        per-prompt micro-batches, each already normalised for the whole batch), and the step's statistics.
+        micro-batches, each already normalised for the whole batch), and the step's statistics.
         Data-parallel training averages here: the normalisers (completion tokens, sequences) are each rank's share
         (1 / ranks) of the global ones, so the mean of the ranks' gradients is one process's gradient on all the
         ranks' rollouts; loss, statistics and expert counts are those of the whole step on every rank.
@@ -570,7 +601,7 @@ class GRPOTrainer(Trainer):
         grads, loss, sums, counts = None, 0.0, {}, None
         keep_old = self.cfg.mu > 1 and not batch.old_logps
         old = []
-        for k in range(len(batch.groups)):
+        for k in range(len(batch.micro)):
             (l, stats, c, logps), g = loss_and_grad(self.model, batch, k, n_tokens, max_len, n_sequences)
             grads = g if grads is None else tree_map(mx.add, grads, g)
             mx.eval(grads, l, stats, c, logps)
