@@ -138,7 +138,7 @@ class CompiledSteps:
     def next_token(self, sample):
         """(tokens [B, L], states) -> (sample(logits of the next position), states)."""
         def step(tokens, states):
-            caches = [StaticKVCache.wrap(s) for s in states]
+            caches = StaticKVCache.wrap_layers(states)
             logits = self.model.logits(self.model.model(tokens, caches)[:, -1, :])
             return sample(logits), [c.state for c in caches]
 
@@ -147,7 +147,7 @@ class CompiledSteps:
     def speculative(self, sample):
         """(y, drafts, states, MTP states) -> (speculative_step's outputs, states, MTP states)."""
         def step(y, drafts, states, mtp_states):
-            caches = [StaticKVCache.wrap(s) for s in states]
+            caches = StaticKVCache.wrap_layers(states)
             mtp_caches = [StaticKVCache.wrap(s) for s in mtp_states]
             out = speculative_step(self.model, y, drafts, caches, mtp_caches, sample)
             return out, [c.state for c in caches], [c.state for c in mtp_caches]

@@ -40,6 +40,13 @@ class Attention(nn.Module):
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
 
 
+def masked(scores: mx.array, mask: Optional[mx.array]) -> mx.array:
+    """Scores with the positions a boolean mask hides set to the dtype's lowest value."""
+    if mask is None:
+        return scores
+    return mx.where(mask, scores, mx.array(mx.finfo(scores.dtype).min, scores.dtype))
+
+
 class MultiHeadLatentAttention(nn.Module):
     """MLA (DeepSeek-V2 §2.1): low-rank joint KV compression with decoupled RoPE.
 
@@ -98,21 +105,20 @@ class MultiHeadLatentAttention(nn.Module):
                 c_kv = mx.dequantize(*c_kv, group_size=cache.group_size, bits=cache.bits).astype(x.dtype)
                 k_pe = mx.dequantize(*k_pe, group_size=cache.group_size, bits=cache.bits).astype(x.dtype)
 
-        # The decoupled-RoPE scores enter as an additive mask of the latent attention.
-        pe_scores = (q_pe @ k_pe.swapaxes(-1, -2)) * self.scale
-        if mask is not None:
-            pe_scores = mx.where(mask, pe_scores, mx.array(mx.finfo(pe_scores.dtype).min, pe_scores.dtype))
-
         if L < self.absorb_below:  # absorbed: attend in the latent space, then project out with W_UV
             # c_KV is one key/value head shared by all query heads, so the H x L query rows are the rows of one
-            # matrix (as FlashMLA decodes): two plain matmuls and a softmax. MLX's attention kernels would take
-            # this (an additive mask, a 512-wide head on V2/V3) as a cuDNN call on CUDA or as the same chain
-            # with the keys broadcast over the heads.
+            # matrix (as FlashMLA decodes): plain matmuls and a softmax, the decoupled-RoPE scores added in the
+            # same layout (one fused kernel scales, adds and masks). MLX's attention kernels would take this (a
+            # 512-wide head on V2/V3) as a cuDNN call on CUDA or as the same chain with the keys broadcast.
             rows = (B, 1, self.n_heads * L, -1)
-            scores = (self.embed_q(q_nope).reshape(rows) @ c_kv.swapaxes(-1, -2)) * self.scale
-            probs = mx.softmax(scores + pe_scores.reshape(rows), axis=-1, precise=True)
+            scores = (self.embed_q(q_nope).reshape(rows) @ c_kv.swapaxes(-1, -2)
+                      + q_pe.reshape(rows) @ k_pe.swapaxes(-1, -2))
+            if mask is not None and L > 1:  # row h * L + l is query l of head h
+                mask = mx.broadcast_to(mask, (B, self.n_heads, L, mask.shape[-1])).reshape(rows)
+            probs = mx.softmax(masked(scores * self.scale, mask), axis=-1, precise=True)
             out = self.unembed_out((probs @ c_kv).reshape(B, self.n_heads, L, self.kv_lora_rank))
-        else:  # expanded: per-head keys and values from the latent
+        else:  # expanded: per-head keys and values from the latent; the RoPE scores enter as an additive mask
+            pe_scores = masked((q_pe @ k_pe.swapaxes(-1, -2)) * self.scale, mask)
             k_nope = self.embed_q(c_kv, transpose=False)
             v = self.unembed_out(c_kv)
             out = mx.fast.scaled_dot_product_attention(q_nope, k_nope, v, scale=self.scale, mask=pe_scores)

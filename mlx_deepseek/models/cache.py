@@ -34,6 +34,13 @@ class StaticKVCache:
         cache.state = dict(state)
         return cache
 
+    @classmethod
+    def wrap_layers(cls, states: list[dict]) -> list["StaticKVCache"]:
+        """Caches over a model's layer states inside a compiled step. The layers advance together, so they share
+        the first one's offset: the graph computes each expression of the offset once, not once per layer."""
+        offset = states[0]["offset"]
+        return [cls.wrap(dict(s, offset=offset)) for s in states]
+
     @property
     def offset(self) -> mx.array:
         return self.state["offset"]
