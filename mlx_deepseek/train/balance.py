@@ -15,6 +15,8 @@ experts are recomputed (differentiably).
 
 from __future__ import annotations
 
+from typing import Optional
+
 import mlx.core as mx
 import mlx.nn as nn
 
@@ -66,12 +68,16 @@ def one_hot_selection(inds: mx.array, n_experts: int) -> mx.array:
     return (inds[..., None] == mx.arange(n_experts)).astype(mx.float32).sum(axis=-2)
 
 
-def layer_counts(trace: RoutingTrace, n_experts: int, layers: list[int]) -> mx.array:
+def layer_counts(trace: RoutingTrace, n_experts: int, layers: list[int], tokens: Optional[mx.array] = None) -> mx.array:
     """[len(layers), n_experts]: how many tokens each expert of these MoE layers received in the traced
-    pass(es); zeros for a layer that did not run (the MTP module when no MTP loss is computed)."""
+    pass(es); zeros for a layer that did not run (the MTP module when no MTP loss is computed). tokens: a [B, L]
+    mask of the positions to count (padding left out)."""
     by_layer: dict[int, mx.array] = {}
     for layer, inds, _ in trace.records:
-        c = one_hot_selection(inds, n_experts).reshape(-1, n_experts).sum(axis=0)
+        chosen = one_hot_selection(inds, n_experts)
+        if tokens is not None:
+            chosen = chosen * tokens[..., None].astype(chosen.dtype)
+        c = chosen.reshape(-1, n_experts).sum(axis=0)
         by_layer[layer] = by_layer[layer] + c if layer in by_layer else c
     if not layers:
         return mx.zeros((0, n_experts))

@@ -399,6 +399,7 @@ class MicroBatch:
 
     rows: np.ndarray  # the rows' places in the batch (advantages' order)
     inputs: mx.array  # [B, W]
+    tokens: mx.array  # [B, W] 1 where `inputs` holds a token, 0 on padding
     ids: mx.array  # [B, C] completion tokens, right-padded
     mask: mx.array  # [B, C]
     positions: mx.array  # [B, C] the input position whose output predicts each completion token
@@ -423,15 +424,18 @@ def micro_batches(groups: list[Group], max_tokens: int) -> list[MicroBatch]:
         width = max(len(seqs[i][0]) + len(seqs[i][1]) - 1 for i in rows)
         span = max(len(seqs[i][1]) for i in rows) or 1
         inputs = np.zeros((len(rows), width), dtype=np.int32)
+        tokens = np.zeros_like(inputs)
         ids, mask, positions = (np.zeros((len(rows), span), dtype=np.int32) for _ in range(3))
         for b, i in enumerate(rows):
             prompt, completion = seqs[i]
             full = list(prompt) + list(completion[:-1])
             inputs[b, : len(full)] = full
+            tokens[b, : len(full)] = 1
             ids[b, : len(completion)] = completion
             mask[b, : len(completion)] = 1
             positions[b] = np.minimum(len(prompt) - 1 + np.arange(span), width - 1)
-        out.append(MicroBatch(np.array(rows), mx.array(inputs), mx.array(ids), mx.array(mask), mx.array(positions)))
+        out.append(MicroBatch(np.array(rows), mx.array(inputs), mx.array(tokens), mx.array(ids), mx.array(mask),
+                              mx.array(positions)))
     return out
 
 
@@ -584,7 +588,7 @@ class GRPOTrainer(Trainer):
         )
         counts = mx.zeros((0, 1))
         if self.trace is not None:
-            counts = balance.layer_counts(self.trace, self.n_experts, [m.layer for m in self.moe])
+            counts = balance.layer_counts(self.trace, self.n_experts, [m.layer for m in self.moe], mb.tokens)
         return loss, stats, counts, mx.stop_gradient(logps)
 
     def compute_grads(self, batch: RolloutBatch) -> tuple[dict, dict]:
