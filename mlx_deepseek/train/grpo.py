@@ -410,18 +410,17 @@ def micro_batches(groups: list[Group], max_tokens: int) -> list[MicroBatch]:
     longer row goes alone). Rows of one length go together, so padding (and attention's quadratic cost over it,
     which a group's one long completion used to impose on all G rows) is small."""
     seqs = [(g.prompt_ids, c) for g in groups for c in g.completions]
-    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i][0]) + len(seqs[i][1]))
+    widths = [len(prompt) + len(completion) - 1 for prompt, completion in seqs]  # a row's input length
     chunks, current = [], []
-    for i in order:
-        width = len(seqs[i][0]) + len(seqs[i][1]) - 1  # the longest so far: rows come sorted
-        if current and (len(current) + 1) * width > max_tokens:
+    for i in sorted(range(len(seqs)), key=widths.__getitem__):  # each row the longest of its chunk so far
+        if current and (len(current) + 1) * widths[i] > max_tokens:
             chunks.append(current)
             current = []
         current.append(i)
     chunks.append(current)
     out = []
     for rows in chunks:
-        width = max(len(seqs[i][0]) + len(seqs[i][1]) - 1 for i in rows)
+        width = widths[rows[-1]]
         span = max(len(seqs[i][1]) for i in rows) or 1
         inputs = np.zeros((len(rows), width), dtype=np.int32)
         tokens = np.zeros_like(inputs)
