@@ -54,7 +54,7 @@ class MultiHeadLatentAttention(nn.Module):
     c_Q  = RMSNorm(W_DQ h),  [q_nope; q_pe] = W_UQ c_Q (q_a_proj, q_a_layernorm, q_b_proj; or q_proj)
     k_nope = W_UK c_KV (`embed_q`), v = W_UV c_KV (`unembed_out`)
 
-    The cache holds only c_KV and k_pe per token. Few new tokens (decoding, speculative
+    The cache holds only [c_KV; k_pe] per token. Few new tokens (decoding, speculative
     verification) absorb W_UK into the query (q_nope W_UK scores directly against c_KV) and apply
     W_UV after attention; many (prefill) expand k_nope and v from the latent. Both give the same
     scores q_nope.k_nope + q_pe.k_pe; `absorb_below` is where their costs cross (per key and head,
@@ -94,30 +94,30 @@ class MultiHeadLatentAttention(nn.Module):
         q_nope, q_pe = mx.split(q, [self.qk_nope_head_dim], axis=-1)
 
         c_kv, k_pe = mx.split(self.kv_a_proj_with_mqa(x), [self.kv_lora_rank], axis=-1)
-        c_kv = mx.expand_dims(self.kv_a_layernorm(c_kv), 1)  # [B, 1, L, kv_lora_rank]
-        k_pe = k_pe.reshape(B, 1, L, self.qk_rope_head_dim)  # one shared head
-
         offset = cache.offset if cache is not None else 0
-        q_pe, k_pe = self.rope(q_pe, offset=offset), self.rope(k_pe, offset=offset)
+        q_pe = self.rope(q_pe, offset=offset)
+        k_pe = self.rope(k_pe.reshape(B, 1, L, self.qk_rope_head_dim), offset=offset)  # one shared head
+        # what the cache holds: one row [c_KV; k_pe] per token (FlashMLA's layout), [B, 1, L, r + d_rope]
+        latent = mx.concatenate([mx.expand_dims(self.kv_a_layernorm(c_kv), 1), k_pe], axis=-1)
         if cache is not None:
-            c_kv, k_pe = cache.update_and_fetch(c_kv, k_pe)
-            if isinstance(c_kv, tuple):  # a quantized cache stores the latent and k_pe quantized
-                c_kv = mx.dequantize(*c_kv, group_size=cache.group_size, bits=cache.bits).astype(x.dtype)
-                k_pe = mx.dequantize(*k_pe, group_size=cache.group_size, bits=cache.bits).astype(x.dtype)
+            latent, _ = cache.update_and_fetch(latent, latent[..., :0])  # no values: they come from c_KV
+            if isinstance(latent, tuple):  # a quantized cache
+                latent = mx.dequantize(*latent, group_size=cache.group_size, bits=cache.bits).astype(x.dtype)
+        c_kv = latent[..., : self.kv_lora_rank]
 
         if L < self.absorb_below:  # absorbed: attend in the latent space, then project out with W_UV
             # c_KV is one key/value head shared by all query heads, so the H x L query rows are the rows of one
-            # matrix (as FlashMLA decodes): plain matmuls and a softmax, the decoupled-RoPE scores added in the
-            # same layout (one fused kernel scales, adds and masks). MLX's attention kernels would take this (a
-            # 512-wide head on V2/V3) as a cuDNN call on CUDA or as the same chain with the keys broadcast.
+            # matrix (as FlashMLA decodes), and the query row [q_nope W_UK; q_pe] against the cached row
+            # [c_KV; k_pe] gives both score terms in one matmul. MLX's attention kernels would take this (a
+            # 576-wide head on V2/V3) as a cuDNN call on CUDA or as the same chain with the keys broadcast.
             rows = (B, 1, self.n_heads * L, -1)
-            scores = (self.embed_q(q_nope).reshape(rows) @ c_kv.swapaxes(-1, -2)
-                      + q_pe.reshape(rows) @ k_pe.swapaxes(-1, -2))
+            scores = mx.concatenate([self.embed_q(q_nope), q_pe], axis=-1).reshape(rows) @ latent.swapaxes(-1, -2)
             if mask is not None and L > 1:  # row h * L + l is query l of head h
                 mask = mx.broadcast_to(mask, (B, self.n_heads, L, mask.shape[-1])).reshape(rows)
             probs = mx.softmax(masked(scores * self.scale, mask), axis=-1, precise=True)
             out = self.unembed_out((probs @ c_kv).reshape(B, self.n_heads, L, self.kv_lora_rank))
         else:  # expanded: per-head keys and values from the latent; the RoPE scores enter as an additive mask
+            k_pe = latent[..., self.kv_lora_rank :]
             pe_scores = masked((q_pe @ k_pe.swapaxes(-1, -2)) * self.scale, mask)
             k_nope = self.embed_q(c_kv, transpose=False)
             v = self.unembed_out(c_kv)

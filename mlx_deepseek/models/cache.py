@@ -8,9 +8,10 @@ from ..config import ModelArgs
 
 
 def cache_widths(args: ModelArgs) -> tuple[tuple[int, int], tuple[int, int]]:
-    """(heads, width) of what a layer caches as keys and values: MLA caches c_KV and k_pe (one 'head')."""
+    """(heads, width) of what a layer caches as keys and values: MLA caches one row per token, [c_KV; k_pe]
+    (one 'head', as FlashMLA's cache), and no values."""
     if args.uses_mla:
-        return (1, args.kv_lora_rank), (1, args.qk_rope_head_dim)
+        return (1, args.kv_lora_rank + args.qk_rope_head_dim), (1, 0)
     return (args.num_key_value_heads, args.attention_head_dim), (args.num_key_value_heads, args.attention_head_dim)
 
 
@@ -57,7 +58,8 @@ class StaticKVCache:
         s, offset = self.state, self.state["offset"]
         start = offset[None]
         s["keys"] = mx.slice_update(s["keys"], keys, start, axes=(2,))
-        s["values"] = mx.slice_update(s["values"], values, start, axes=(2,))
+        if values.shape[-1]:  # MLA's values are empty (not a graph node per layer and step)
+            s["values"] = mx.slice_update(s["values"], values, start, axes=(2,))
         s["offset"] = offset + keys.shape[2]
         return s["keys"], s["values"]
 
