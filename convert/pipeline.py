@@ -28,7 +28,7 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 
 from mlx_deepseek import __version__
-from mlx_deepseek.config import FAMILIES, ModelArgs
+from mlx_deepseek.config import FAMILIES, ModelArgs, stored_paths
 from mlx_deepseek.loading import DTYPES, resolve
 from mlx_deepseek.models import Model
 from mlx_deepseek.weights import (
@@ -40,6 +40,7 @@ from mlx_deepseek.weights import (
     mlx_to_hf,
     mtp_files,
     read_header,
+    split_gate_up,
     weight_files,
 )
 
@@ -149,8 +150,11 @@ def _expected(args: ModelArgs):
     """Parameter shapes and quantizable modules of the model config.json describes (nothing is allocated:
     MLX arrays are lazy and never evaluated here)."""
     skeleton = Model(args)
-    shapes = {k: tuple(v.shape) for k, v in tree_flatten(skeleton.parameters())}
-    quantizable = {p: m.weight.shape[-1] for p, m in skeleton.named_modules() if hasattr(m, "to_quantized")}
+    shapes = {k: tuple(v.shape) for k, v in split_gate_up(dict(tree_flatten(skeleton.parameters()))).items()}
+    quantizable = {
+        stored: m.weight.shape[-1]
+        for p, m in skeleton.named_modules() if hasattr(m, "to_quantized") for stored in stored_paths(p)
+    }
     return shapes, quantizable
 
 

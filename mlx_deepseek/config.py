@@ -182,7 +182,7 @@ class ModelArgs:
 
     def quantization_of(self, path: str) -> dict:
         """The {bits, group_size, mode} of the quantized layer at `path`: its own entry, else the defaults."""
-        entry = (self.quantization or {}).get(path)
+        entry = (self.quantization or {}).get(stored_paths(path)[0])
         return entry if isinstance(entry, dict) else (self.quantization or {})
 
     def is_moe_layer(self, layer: int) -> bool:
@@ -314,3 +314,12 @@ def _read_rope(config: dict) -> tuple[float, Optional[dict]]:
     if kind == "default":
         return float(theta), None
     return float(theta), {"rope_type": kind, **scaling}
+
+
+def stored_paths(path: str) -> tuple[str, ...]:
+    """A layer's paths as checkpoints (and their per-layer quantization entries) name it: the routed experts'
+    joined W_gate, W_up (`switch_mlp.gate_up_proj`) are stored as `gate_proj` and `up_proj`, quantized alike."""
+    if path.endswith(".switch_mlp.gate_up_proj"):
+        prefix = path[: -len("gate_up_proj")]
+        return prefix + "gate_proj", prefix + "up_proj"
+    return (path,)

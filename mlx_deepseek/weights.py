@@ -21,7 +21,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from .config import ModelArgs
+from .config import ModelArgs, stored_paths
 
 
 class CheckpointError(ValueError):
@@ -307,13 +307,57 @@ def mlx_to_hf(tensors: Iterable[tuple[str, mx.array]], args: ModelArgs) -> Itera
         raise CheckpointError("incomplete MLA attention (embed_q without unembed_out or back): " + ", ".join(pending))
 
 
+# ---- the routed experts' W_gate and W_up: two stacks in checkpoints, one in the model ---------------
+_GATE_UP = re.compile(r"(.*\.switch_mlp)\.(gate_proj|up_proj)\.(weight|scales|biases)$")
+_JOINED = re.compile(r"(.*\.switch_mlp)\.gate_up_proj\.(weight|scales|biases)$")
+
+
+def join_gate_up(weights: dict[str, mx.array], args: ModelArgs) -> dict[str, mx.array]:
+    """The checkpoint's (mlx-lm's) `switch_mlp.gate_proj` and `up_proj` stacks, [E, I, .] each, as the model's
+    `switch_mlp.gate_up_proj` [E, 2I, .] (RoutedExperts; quantized ones too: their groups run along the input).
+    A layer with one half only is left as it is, for check_weights to name."""
+    out, halves = {}, {}
+    for name, a in weights.items():
+        m = _GATE_UP.match(name)
+        if m is None:
+            out[name] = a
+        else:
+            halves.setdefault((m.group(1), m.group(3)), {})[m.group(2)] = (name, a)
+    q = args.quantization or {}
+    for (prefix, leaf), pair in halves.items():
+        if len(pair) < 2:
+            out.update(pair.values())
+            continue
+        if q.get(f"{prefix}.gate_proj") != q.get(f"{prefix}.up_proj"):
+            raise CheckpointError(
+                f"{prefix}: gate_proj and up_proj are quantized differently ({q.get(f'{prefix}.gate_proj')} vs "
+                f"{q.get(f'{prefix}.up_proj')} in config.json); this project runs them as one matrix, so convert the "
+                "model with one setting for both"
+            )
+        out[f"{prefix}.gate_up_proj.{leaf}"] = mx.concatenate([pair["gate_proj"][1], pair["up_proj"][1]], axis=1)
+    return out
+
+
+def split_gate_up(weights: dict[str, mx.array]) -> dict[str, mx.array]:
+    """The inverse of `join_gate_up`: what checkpoints (and mlx-lm) store."""
+    out = {}
+    for name, a in weights.items():
+        m = _JOINED.match(name)
+        if m is None:
+            out[name] = a
+        else:
+            out[f"{m.group(1)}.gate_proj.{m.group(2)}"], out[f"{m.group(1)}.up_proj.{m.group(2)}"] = mx.split(a, 2, axis=1)
+    return out
+
+
 # ---- into a model --------------------------------------------------------------------------------
 def quantize_like(model: nn.Module, quantization: dict, names: set[str]) -> None:
     """Turn the layers that the checkpoint stores quantized (those with `.scales`) into quantized layers."""
 
     def predicate(path: str, module: nn.Module):
-        if path in quantization:
-            return quantization[path]
+        stored = stored_paths(path)[0]
+        if stored in quantization:
+            return quantization[stored]
         return hasattr(module, "to_quantized") and f"{path}.scales" in names
 
     nn.quantize(
@@ -351,10 +395,10 @@ def check_weights(model: nn.Module, weights: dict[str, mx.array], where: str, pr
 def read_weights(
     folder: Path, args: ModelArgs, dtype: Optional[mx.Dtype] = None, problems: Optional[list[str]] = None
 ) -> dict[str, mx.array]:
-    """All weights of a checkpoint folder in MLX names, lazily (nothing is read until evaluated)."""
+    """All weights of a checkpoint folder as the model names them, lazily (nothing is read until evaluated)."""
     files = weight_files(folder)
     files += [f for f in mtp_files(folder) if f not in files]
-    return dict(hf_to_mlx(iter_safetensors(files), args, dtype, problems))
+    return join_gate_up(dict(hf_to_mlx(iter_safetensors(files), args, dtype, problems)), args)
 
 
 # ---- writing --------------------------------------------------------------------------------------
@@ -389,7 +433,7 @@ def save_model(model: nn.Module, folder: Path, config: dict) -> None:
     model has MTP modules, mtp.safetensors. The caller makes the write atomic (a temporary folder)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    weights = dict(tree_flatten(model.parameters()))
+    weights = split_gate_up(dict(tree_flatten(model.parameters())))
     main = {k: v for k, v in weights.items() if not k.startswith("mtp.")}
     mtp = {k: v for k, v in weights.items() if k.startswith("mtp.")}
     mx.save_safetensors(str(folder / "model.safetensors"), main, metadata={"format": "mlx"})

@@ -162,7 +162,7 @@ def test_mixed_recipe_block(tmp_path):
     mtp = mx.load(str(dst / MTP_FILE))
     assert mtp["mtp.0.block.mlp.switch_mlp.up_proj.weight"].dtype == mx.uint32
     model = load_model(dst)
-    assert model.layers[1].mlp.switch_mlp.up_proj.bits == 3 and model.layers[0].self_attn.o_proj.bits == 8
+    assert model.layers[1].mlp.switch_mlp.gate_up_proj.bits == 3 and model.layers[0].self_attn.o_proj.bits == 8
 
 
 def test_quantized_fp8_source_matches_mlx_lm(tmp_path):

@@ -198,7 +198,7 @@ def test_dora_and_full_finetuning_steps(tiny_folder, tmp_path):
     before = _params(tr.model)
     tr.train_step()
     after = _params(tr.model)
-    assert any(k.endswith(".switch_mlp.up_proj.m") and not np.array_equal(before[k], after[k]) for k in before)
+    assert any(k.endswith(".switch_mlp.gate_up_proj.m") and not np.array_equal(before[k], after[k]) for k in before)
     model, tok, _ = load_for_training(tiny_folder)
     ref, _, _ = load_for_training(tiny_folder)
     ref.freeze()

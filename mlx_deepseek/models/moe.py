@@ -4,7 +4,7 @@ from functools import partial
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx_lm.models.switch_layers import SwitchGLU
+from mlx_lm.models.switch_layers import SwitchLinear, _gather_sort, _scatter_unsort
 
 from ..config import ModelArgs
 
@@ -101,10 +101,36 @@ class RoutingTrace:
         self.records.clear()
 
 
+class RoutedExperts(nn.Module):
+    """The routed experts of one layer, stacked: SwiGLU per expert, run on the chosen ones only (gather_mm /
+    gather_qmm). W_gate and W_up are one stack [E, 2 * I, D] (`gate_up_proj`, as vLLM's w13), so a token's experts
+    take two gathered products, not three. Checkpoints keep mlx-lm's `gate_proj` and `up_proj`: the loader joins
+    them and `save_model` splits them (weights.join_gate_up / split_gate_up)."""
+
+    def __init__(self, dim: int, hidden_dim: int, n_experts: int):
+        super().__init__()
+        self.gate_up_proj = SwitchLinear(dim, 2 * hidden_dim, n_experts, bias=False)
+        self.down_proj = SwitchLinear(hidden_dim, dim, n_experts, bias=False)
+
+    def __call__(self, x: mx.array, indices: mx.array) -> mx.array:
+        """x [..., D], indices [..., k] -> each chosen expert's output [..., k, D]."""
+        x = mx.expand_dims(x, (-2, -3))
+        indices = mx.stop_gradient(indices)
+        do_sort = indices.size >= 64  # many tokens: sorted by expert, so each expert's weights are read once
+        idx = indices
+        if do_sort:
+            x, idx, inv_order = _gather_sort(x, indices)
+        gate, up = mx.split(self.gate_up_proj(x, idx, sorted_indices=do_sort), 2, axis=-1)
+        y = self.down_proj(nn.silu(gate) * up, idx, sorted_indices=do_sort)
+        if do_sort:
+            y = _scatter_unsort(y, inv_order, indices.shape)
+        return y.squeeze(-2)
+
+
 class DeepSeekMoE(nn.Module):
     """h + sum_i FFN_i^(s)(u) + sum_i g_i FFN_i^(r)(u) (DeepSeekMoE §3): shared plus routed experts.
 
-    The routed experts are one stacked SwitchGLU run with gather_mm / gather_qmm over the chosen
+    The routed experts are one stack (RoutedExperts) run with gather_mm / gather_qmm over the chosen
     indices, so there is no Python loop over experts.
     """
 
@@ -114,7 +140,7 @@ class DeepSeekMoE(nn.Module):
         self.trace = None  # a RoutingTrace while one is attached
         self.expert_group = None  # expert parallelism (parallel.shard_experts): the ranks holding the other experts
         self.gate = Router(args)
-        self.switch_mlp = SwitchGLU(args.hidden_size, args.moe_intermediate_size, args.n_routed_experts)
+        self.switch_mlp = RoutedExperts(args.hidden_size, args.moe_intermediate_size, args.n_routed_experts)
         if args.n_shared_experts:
             self.shared_experts = MLP(args.hidden_size, args.moe_intermediate_size * args.n_shared_experts)
 

@@ -97,15 +97,16 @@ class SlotBank:
 
     @staticmethod
     def _build(template: nn.Module, n_slots: int) -> SwitchGLU:
-        """A SwitchGLU of n_slots experts, each projection quantized as the template's is."""
-        gate = template.gate_proj
-        hidden, inter = (gate.input_dims, gate.output_dims)
+        """A SwitchGLU of n_slots experts, each projection quantized as the template's (RoutedExperts) is. The
+        bank keeps the checkpoints' layout (gate_proj, up_proj apart): slots are filled byte for byte from the files."""
+        joined = template.gate_up_proj
+        hidden, inter = joined.input_dims, joined.output_dims // 2
         glu = SwitchGLU(hidden, inter, n_slots)
-        for proj in ("gate_proj", "up_proj", "down_proj"):
-            t = getattr(template, proj)
+        for proj, t in (("gate_proj", joined), ("up_proj", joined), ("down_proj", template.down_proj)):
             if isinstance(t, QuantizedSwitchLinear):
-                q = QuantizedSwitchLinear(t.input_dims, t.output_dims, n_slots, False, t.group_size, t.bits, t.mode)
-                setattr(glu, proj, q)
+                f = getattr(glu, proj)
+                setattr(glu, proj, QuantizedSwitchLinear(f.input_dims, f.output_dims, n_slots, False, t.group_size,
+                                                         t.bits, t.mode))
         return glu
 
     def _buffer(self, param: str) -> memoryview:

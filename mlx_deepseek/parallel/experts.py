@@ -16,27 +16,23 @@ from typing import Optional
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_map
-from mlx_lm.models.switch_layers import SwitchGLU
-
-from ..models.moe import DeepSeekMoE
+from ..models.moe import DeepSeekMoE, RoutedExperts
 from .data import active
 from .pipeline import split
 
 
-class LocalExperts(SwitchGLU):
+class LocalExperts(RoutedExperts):
     """Routed experts [first, first + count) of a layer, called with global expert indices."""
 
     @classmethod
-    def of(cls, full: SwitchGLU, experts: range) -> "LocalExperts":
+    def of(cls, full: RoutedExperts, experts: range) -> "LocalExperts":
         """This rank's block of `full`'s experts (its projections sliced on the expert axis, lazily: the
         slices of a freshly built model are replaced by the loaded weights before anything is computed)."""
         local = cls.__new__(cls)
         nn.Module.__init__(local)
-        for name in ("gate_proj", "up_proj", "down_proj"):
-            proj = full[name]
+        for name, proj in full.children().items():
             proj.update(tree_map(lambda p: p[experts.start : experts.stop], proj.parameters()))
             setattr(local, name, proj)
-        local.activation = full.activation
         local.first, local.count = experts.start, len(experts)
         return local
 

@@ -23,7 +23,7 @@ from ..config import ModelArgs
 from ..loading import _dtype, for_device, resolve
 from ..models import Model
 from ..offload.source import ExpertReader, Span, _data_start
-from ..weights import check_weights, hf_to_mlx, quantize_like, read_header, weight_files
+from ..weights import check_weights, hf_to_mlx, join_gate_up, quantize_like, read_header, weight_files
 from .data import active
 from .experts import shard_experts
 from .pipeline import pipeline, split
@@ -115,7 +115,7 @@ def local_weights(folder: Path, args: ModelArgs, shard: Shard, dtype=None, probl
         m = _LAYER.match(name)
         return name if m is None or not first else f"model.layers.{int(m.group(1)) - first}.{name[m.end():]}"
 
-    return {renumber(k): v for k, v in hf_to_mlx(local_tensors(folder, args, shard), local, dtype, problems)}
+    return join_gate_up({renumber(k): v for k, v in hf_to_mlx(local_tensors(folder, args, shard), local, dtype, problems)}, args)
 
 
 def load_sharded(

@@ -35,7 +35,7 @@ ADAPTER_FILE, ADAPTER_CONFIG = "adapters.safetensors", "adapter_config.json"
 # dense FFNs.
 DEFAULT_KEYS = (
     "q_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "embed_q", "unembed_out", "k_proj", "v_proj", "o_proj",
-    "gate_proj", "up_proj", "down_proj",
+    "gate_proj", "up_proj", "gate_up_proj", "down_proj",
 )
 
 
