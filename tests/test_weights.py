@@ -116,3 +116,42 @@ def test_header_reader_checks_lengths(fixture_copy):
     header = read_header(_single_file(folder))
     assert "model.embed_tokens.weight" in header
     assert ModelArgs.from_file(folder).tie_word_embeddings
+
+
+def test_routed_experts_join_on_load_and_split_on_save(tmp_path):
+    """A quantized checkpoint in mlx-lm's layout (gate_proj, up_proj apart) loads with the two joined as
+    gate_up_proj, computes what mlx-lm computes from the same folder, and saves back byte for byte."""
+    from mlx.utils import tree_flatten
+    from mlx_lm.utils import load_model as mlx_lm_load_model
+
+    from mlx_deepseek.bench import random_checkpoint
+    from mlx_deepseek.weights import save_model
+
+    folder = random_checkpoint(tmp_path / "q", layers=2, scale=0.0625, bits=4)
+    stored = mx.load(str(folder / "model.safetensors"))
+    assert "model.layers.1.mlp.switch_mlp.up_proj.scales" in stored and not any("gate_up" in k for k in stored)
+    model = load_model(folder)
+    params = dict(tree_flatten(model.parameters()))
+    assert params["model.layers.1.mlp.switch_mlp.gate_up_proj.weight"].shape[1] == 2 * model.args.moe_intermediate_size
+    assert not any(".switch_mlp.gate_proj." in k or ".switch_mlp.up_proj." in k for k in params)
+
+    ids = mx.array([[3, 17, 29, 5, 11]])
+    theirs, _ = mlx_lm_load_model(folder)
+    np.testing.assert_allclose(np.array(model(ids)), np.array(theirs(ids)), rtol=1e-4, atol=1e-4)
+
+    save_model(model, tmp_path / "again", json.loads((folder / "config.json").read_text()))
+    again = mx.load(str(tmp_path / "again" / "model.safetensors"))
+    assert sorted(again) == sorted(stored)
+    for k in stored:
+        np.testing.assert_array_equal(np.array(again[k]), np.array(stored[k]), err_msg=k)
+
+
+def test_differently_quantized_gate_and_up_are_refused(tmp_path):
+    from mlx_deepseek.bench import random_checkpoint
+
+    folder = random_checkpoint(tmp_path / "q", layers=2, scale=0.0625, bits=4)
+    config = json.loads((folder / "config.json").read_text())
+    config["quantization"]["model.layers.1.mlp.switch_mlp.gate_proj"] = {"group_size": 64, "bits": 8}
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=r"model\.layers\.1\.mlp\.switch_mlp: gate_proj and up_proj are quantized differently"):
+        load_model(folder)
