@@ -59,3 +59,19 @@ def test_train_plot_labels_runs_by_folder_or_copied_file_name(tmp_path, monkeypa
     monkeypatch.setattr("mlx_deepseek.train.plot.plot_grpo", fake_plot)
     assert main(["train", "plot", "--grpo", *map(str, files), "-o", str(tmp_path / "c.png")]) == 0
     assert seen["labels"] == ["run1", "grpo-s8-run2"]
+
+
+def test_bench_generate_reports_both_engines_and_paired_ratios(capsys):
+    from mlx_deepseek.bench import format_generate
+
+    args = ["bench", "generate", "--layers", "2", "--scale", "0.0625", "--bits", "0", "--prompt-tokens", "8",
+            "--gen-tokens", "6", "--trials", "2", "--json"]
+    assert main(args) == 0
+    r = json.loads(capsys.readouterr().out)
+    rows = r["results"]
+    assert set(rows) == {"mlx-lm", "mlx-deepseek", "mlx-deepseek --mtp"}
+    assert rows["mlx-lm"]["decode_ratio"] == rows["mlx-lm"]["decode_ratio_median"] == 1.0
+    for row in rows.values():
+        assert row["decode_tps"] > 0 and row["prefill_tps"] > 0 and row["decode_ratio_median"] > 0
+    assert 0 <= rows["mlx-deepseek --mtp"]["mtp_acceptance"] <= 1
+    assert "median of trials" in format_generate(r)
