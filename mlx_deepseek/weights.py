@@ -323,16 +323,22 @@ def join_gate_up(weights: dict[str, mx.array], args: ModelArgs) -> dict[str, mx.
             out[name] = a
         else:
             halves.setdefault((m.group(1), m.group(3)), {})[m.group(2)] = (name, a)
-    q = args.quantization or {}
+    def setting(path: str) -> Optional[tuple]:  # (bits, group size, mode), None for a float layer
+        if (args.quantization or {}).get(path) is False:
+            return None
+        p = args.quantization_of(path)
+        return p.get("bits"), p.get("group_size"), p.get("mode", "affine")
+
     for (prefix, leaf), pair in halves.items():
         if len(pair) < 2:
             out.update(pair.values())
             continue
-        if q.get(f"{prefix}.gate_proj") != q.get(f"{prefix}.up_proj"):
+        gate, up = setting(f"{prefix}.gate_proj"), setting(f"{prefix}.up_proj")
+        if gate != up:
             raise CheckpointError(
-                f"{prefix}: gate_proj and up_proj are quantized differently ({q.get(f'{prefix}.gate_proj')} vs "
-                f"{q.get(f'{prefix}.up_proj')} in config.json); this project runs them as one matrix, so convert the "
-                "model with one setting for both"
+                f"{prefix}: gate_proj and up_proj are quantized differently ((bits, group size, mode) {gate} vs "
+                f"{up} in config.json); this project runs them as one matrix, so convert the model with one setting "
+                "for both"
             )
         out[f"{prefix}.gate_up_proj.{leaf}"] = mx.concatenate([pair["gate_proj"][1], pair["up_proj"][1]], axis=1)
     return out

@@ -151,6 +151,9 @@ def test_differently_quantized_gate_and_up_are_refused(tmp_path):
 
     folder = random_checkpoint(tmp_path / "q", layers=2, scale=0.0625, bits=4)
     config = json.loads((folder / "config.json").read_text())
+    config["quantization"]["model.layers.1.mlp.switch_mlp.gate_proj"] = {"group_size": 64, "bits": 4}  # the default
+    (folder / "config.json").write_text(json.dumps(config))
+    load_model(folder)  # one half's own entry equal to the other's default setting: the same quantization
     config["quantization"]["model.layers.1.mlp.switch_mlp.gate_proj"] = {"group_size": 64, "bits": 8}
     (folder / "config.json").write_text(json.dumps(config))
     with pytest.raises(CheckpointError, match=r"model\.layers\.1\.mlp\.switch_mlp: gate_proj and up_proj are quantized differently"):
