@@ -316,6 +316,13 @@ def join_gate_up(weights: dict[str, mx.array], args: ModelArgs) -> dict[str, mx.
     """The checkpoint's (mlx-lm's) `switch_mlp.gate_proj` and `up_proj` stacks, [E, I, .] each, as the model's
     `switch_mlp.gate_up_proj` [E, 2I, .] (RoutedExperts; quantized ones too: their groups run along the input).
     A layer with one half only is left as it is, for check_weights to name."""
+
+    def setting(path: str) -> Optional[tuple]:  # (bits, group size, mode), None for a float layer
+        if (args.quantization or {}).get(path) is False:
+            return None
+        p = args.quantization_of(path)
+        return p.get("bits"), p.get("group_size"), p.get("mode", "affine")
+
     out, halves = {}, {}
     for name, a in weights.items():
         m = _GATE_UP.match(name)
@@ -323,12 +330,6 @@ def join_gate_up(weights: dict[str, mx.array], args: ModelArgs) -> dict[str, mx.
             out[name] = a
         else:
             halves.setdefault((m.group(1), m.group(3)), {})[m.group(2)] = (name, a)
-    def setting(path: str) -> Optional[tuple]:  # (bits, group size, mode), None for a float layer
-        if (args.quantization or {}).get(path) is False:
-            return None
-        p = args.quantization_of(path)
-        return p.get("bits"), p.get("group_size"), p.get("mode", "affine")
-
     for (prefix, leaf), pair in halves.items():
         if len(pair) < 2:
             out.update(pair.values())
@@ -352,7 +353,8 @@ def split_gate_up(weights: dict[str, mx.array]) -> dict[str, mx.array]:
         if m is None:
             out[name] = a
         else:
-            out[f"{m.group(1)}.gate_proj.{m.group(2)}"], out[f"{m.group(1)}.up_proj.{m.group(2)}"] = mx.split(a, 2, axis=1)
+            prefix, leaf = m.groups()
+            out[f"{prefix}.gate_proj.{leaf}"], out[f"{prefix}.up_proj.{leaf}"] = mx.split(a, 2, axis=1)
     return out
 
 

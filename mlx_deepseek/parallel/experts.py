@@ -16,6 +16,7 @@ from typing import Optional
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_map
+
 from ..models.moe import DeepSeekMoE, RoutedExperts
 from .data import active
 from .pipeline import split

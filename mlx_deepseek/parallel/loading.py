@@ -115,7 +115,8 @@ def local_weights(folder: Path, args: ModelArgs, shard: Shard, dtype=None, probl
         m = _LAYER.match(name)
         return name if m is None or not first else f"model.layers.{int(m.group(1)) - first}.{name[m.end():]}"
 
-    return join_gate_up({renumber(k): v for k, v in hf_to_mlx(local_tensors(folder, args, shard), local, dtype, problems)}, args)
+    tensors = hf_to_mlx(local_tensors(folder, args, shard), local, dtype, problems)
+    return join_gate_up({renumber(k): v for k, v in tensors}, args)
 
 
 def load_sharded(
