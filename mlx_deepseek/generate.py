@@ -14,7 +14,7 @@ from mlx_lm.models.cache import BatchKVCache, KVCache, QuantizedKVCache
 from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
 from .chat import THINK, ReasoningParser
-from .models import Model
+from .models import Model, fastmath
 from .models.cache import StaticKVCache
 from .models.moe import RoutingTrace
 
@@ -26,7 +26,7 @@ def _sampler(temperature: float, top_p: float, min_p: float, top_k: int):
     if temperature == 0:
         return lambda logits: mx.argmax(logits, axis=-1)
     sample = make_sampler(temperature, top_p=top_p, min_p=min_p, top_k=top_k)
-    return lambda logits: sample(logits - mx.logsumexp(logits, axis=-1, keepdims=True))
+    return lambda logits: sample(logits - fastmath.logsumexp(logits, axis=-1, keepdims=True))
 
 
 @dataclass

@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 import pytest
 from mlx.utils import tree_flatten
@@ -135,6 +136,11 @@ def test_a_lora_step_changes_the_adapters_and_nothing_else(tiny_folder, tmp_path
         np.testing.assert_allclose(np.array(tr.model(x)), np.array(base(x)), atol=1e-5)
     adapted = np.array(tr.model(x))
     assert np.abs(adapted - np.array(base(x))).max() > 1e-6
+    with lora.adapters_merged(tr.model):  # what rollouts sample from: the same function, no adapters
+        assert not lora.has_adapters(tr.model)
+        np.testing.assert_allclose(np.array(tr.model(x)), adapted, atol=1e-5)
+    assert {k for k, _ in tree_flatten(tr.model.trainable_parameters())} == trainable
+    np.testing.assert_array_equal(np.array(tr.model(x)), adapted)
     lora.fuse(tr.model)
     assert not lora.has_adapters(tr.model)
     np.testing.assert_allclose(np.array(tr.model(x)), adapted, atol=1e-4)
@@ -407,3 +413,9 @@ def test_stacked_adapters_compute_what_they_fuse_to(dora, quantized):
         assert np.abs(out - np.array(call(base))).max() > 1e-2
         np.testing.assert_allclose(np.array(call(adapter.fuse(dequantize=True))), out, atol=1e-4)
         assert ("scales" in adapter.fuse()) == quantized  # re-quantized like the base
+        holder = nn.Module()
+        holder.layer = adapter
+        with lora.adapters_merged(holder):  # rollouts: float bases merged, quantized ones keep their adapter
+            assert (holder.layer is adapter) == quantized
+            np.testing.assert_allclose(np.array(call(holder.layer)), out, atol=1e-4)
+        assert holder.layer is adapter

@@ -8,6 +8,7 @@ from mlx_lm.models.base import scaled_dot_product_attention
 from mlx_lm.models.mla import MultiLinear
 
 from ..config import ModelArgs
+from . import fastmath
 from .rope import make_rope, yarn_softmax_scale
 
 
@@ -114,12 +115,12 @@ class MultiHeadLatentAttention(nn.Module):
             scores = mx.concatenate([self.embed_q(q_nope), q_pe], axis=-1).reshape(rows) @ latent.swapaxes(-1, -2)
             if mask is not None and L > 1:  # row h * L + l is query l of head h
                 mask = mx.broadcast_to(mask, (B, self.n_heads, L, mask.shape[-1])).reshape(rows)
-            probs = mx.softmax(masked(scores * self.scale, mask), axis=-1, precise=True)
+            probs = fastmath.softmax(masked(scores * self.scale, mask))
             out = self.unembed_out((probs @ c_kv).reshape(B, self.n_heads, L, self.kv_lora_rank))
         else:  # expanded: per-head keys and values from the latent; the RoPE scores enter as an additive mask
             k_pe = latent[..., self.kv_lora_rank :]
             pe_scores = masked((q_pe @ k_pe.swapaxes(-1, -2)) * self.scale, mask)
             k_nope = self.embed_q(c_kv, transpose=False)
             v = self.unembed_out(c_kv)
-            out = mx.fast.scaled_dot_product_attention(q_nope, k_nope, v, scale=self.scale, mask=pe_scores)
+            out = fastmath.attention(q_nope, k_nope, v, self.scale, mask=pe_scores)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))

@@ -7,6 +7,12 @@ import mlx.nn as nn
 from mlx_lm.models.switch_layers import SwitchLinear, _gather_sort, _scatter_unsort
 
 from ..config import ModelArgs
+from . import fastmath
+
+
+def swiglu(up: mx.array, gate: mx.array) -> mx.array:
+    """silu(W_gate x) * W_up x, from the two products (mlx-lm SwitchGLU's `activation(x_up, x_gate)` order)."""
+    return fastmath.silu(gate) * up
 
 
 class MLP(nn.Module):
@@ -19,7 +25,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(hidden_dim, dim, bias=False)
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(swiglu(self.up_proj(x), self.gate_proj(x)))
 
 
 @partial(mx.compile, shapeless=False)
@@ -121,7 +127,7 @@ class RoutedExperts(nn.Module):
         if do_sort:
             x, idx, inv_order = _gather_sort(x, indices)
         gate, up = mx.split(self.gate_up_proj(x, idx, sorted_indices=do_sort), 2, axis=-1)
-        y = self.down_proj(nn.silu(gate) * up, idx, sorted_indices=do_sort)
+        y = self.down_proj(swiglu(up, gate), idx, sorted_indices=do_sort)
         if do_sort:
             y = _scatter_unsort(y, inv_order, indices.shape)
         return y.squeeze(-2)

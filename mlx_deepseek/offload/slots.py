@@ -23,6 +23,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchGLU
 
+from ..models.moe import swiglu
 from .policies import Policy
 from .source import ExpertReader, Span
 
@@ -101,7 +102,7 @@ class SlotBank:
         bank keeps the checkpoints' layout (gate_proj, up_proj apart): slots are filled byte for byte from the files."""
         joined = template.gate_up_proj
         hidden, inter = joined.input_dims, joined.output_dims // 2
-        glu = SwitchGLU(hidden, inter, n_slots)
+        glu = SwitchGLU(hidden, inter, n_slots, activation=swiglu)
         for proj, t in (("gate_proj", joined), ("up_proj", joined), ("down_proj", template.down_proj)):
             if isinstance(t, QuantizedSwitchLinear):
                 f = getattr(glu, proj)

@@ -33,6 +33,7 @@ import json
 import os
 import random
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -48,6 +49,7 @@ from .. import parallel
 from ..chat import apply_chat_template
 from ..generate import Sampling, batch_generate
 from ..loading import load_model, resolve
+from ..models import fastmath
 from ..weights import atomic_folder, save_model
 from . import balance, lora, tasks
 from .loop import STATE_FILE, TrainConfig, Trainer, load_for_training, nan_guard, run_folder, schedule
@@ -62,9 +64,9 @@ def completion_logps(logits: mx.array, ids: mx.array, temperature: float = 1.0) 
     """(log-probs of `ids`, entropy) per position, in float32, of logits[..., V] scaled by 1 / temperature.
     `logits[:, t]` must be the logits that predicted `ids[:, t]`."""
     logits = logits.astype(mx.float32) / temperature
-    logz = mx.logsumexp(logits, axis=-1)
+    logz = fastmath.logsumexp(logits, axis=-1)
     logps = mx.take_along_axis(logits, ids[..., None], axis=-1)[..., 0] - logz
-    p = mx.softmax(logits, axis=-1)
+    p = fastmath.softmax(logits, axis=-1)
     entropy = logz - (p * logits).sum(axis=-1)
     return logps, entropy
 
@@ -535,7 +537,8 @@ class GRPOTrainer(Trainer):
         mine = rows[sum(counts[:r]):sum(counts[: r + 1])]
         groups, info, zero = [], {"gen_tokens": 0, "gen_seconds": 0.0}, np.zeros(0, bool)
         if mine:
-            groups, info = rollout(self.model, self.tokenizer, mine, self.cfg, self.reward_set)
+            with self.sampling_model() as model:
+                groups, info = rollout(model, self.tokenizer, mine, self.cfg, self.reward_set)
             zero = self._zero_std(groups, self.reward_set.weight_vector)
         if self.filter.patience:
             width = max(counts)
@@ -715,7 +718,13 @@ class GRPOTrainer(Trainer):
 
     def evaluate(self) -> dict:
         """Greedy answers to the held-out rows: accuracy, format, language (the built-in rewards' means)."""
-        return evaluate_rows(self.model, self.tokenizer, self.eval_rows(), self.cfg.eval_max_tokens)
+        with self.sampling_model() as model:
+            return evaluate_rows(model, self.tokenizer, self.eval_rows(), self.cfg.eval_max_tokens)
+
+    def sampling_model(self):
+        """The policy as rollouts and evaluations sample it: with LoRA, the adapters merged into float weights
+        (`lora.adapters_merged`: a third of the projections' matmuls; the same function up to rounding)."""
+        return lora.adapters_merged(self.model) if self.lora is not None else nullcontext(self.model)
 
     # ---- checkpoints (the loop's, adapters included) ---------------------------------------------------------
     def _build_step(self):

@@ -7,6 +7,7 @@
   train; the router and its `e_score_correction_bias` stay frozen. The MTP module is not adapted.
 - `adapters_disabled(model)`: the base model, for the reference log-probs of GRPO's KL term (the adapters are
   swapped out, not zeroed, so DoRA's magnitude vector is out too).
+- `adapters_merged(model)`: the adapters folded into float copies of their weights, for GRPO's rollouts.
 - `save_adapters` / `load_adapters`: adapters.safetensors + adapter_config.json.
 - `fuse(model, dequantize)`: adapters folded into the weights (re-quantized like the base unless `dequantize`).
 - `dequantize(model)`: a quantized model to float (for training on CPU, where float matmuls are the fast ones).
@@ -213,6 +214,19 @@ def adapters_disabled(model: nn.Module):
     """Within the block the model is its base: every adapter is swapped for the module it wraps."""
     adapted = adapter_modules(model)
     model.update_modules(tree_unflatten([(k, m.linear) for k, m in adapted]))
+    try:
+        yield model
+    finally:
+        model.update_modules(tree_unflatten(adapted))
+
+
+@contextmanager
+def adapters_merged(model: nn.Module):
+    """Within the block every adapter over a float weight is folded into a copy of it (W + scale B A: one matmul per
+    projection instead of three, for sampling); adapters over quantized weights stay as they are (folding them would
+    re-quantize). Outside the block the adapters are back, untouched."""
+    adapted = [(k, m) for k, m in adapter_modules(model) if "scales" not in m.linear]
+    model.update_modules(tree_unflatten([(k, m.fuse(dequantize=True)) for k, m in adapted]))
     try:
         yield model
     finally:
