@@ -139,3 +139,30 @@ def test_rope_in_batch_chunks_equals_one_call():
     x = mx.random.normal((200, 8, 1, 16), key=mx.random.key(0))
     for offset in (mx.arange(200) * 3, 7):
         assert mx.array_equal(BatchChunkedRoPE(rope, 16)(x, offset=offset), rope(x, offset=offset))
+
+
+def test_fastmath_equals_mlx_ops_in_value_and_gradient():
+    """On the CPU softmax, logsumexp, SiLU and attention take exp as 2^(x log2 e); they must give MLX's own results
+    (values and gradients) to float32 rounding, with masked scores (the dtype's lowest value) at zero weight."""
+    import mlx.nn as nn
+
+    from mlx_deepseek.models import fastmath
+
+    assert fastmath.on_cpu()
+    k1, k2, k3, k4 = mx.random.split(mx.random.key(0), 4)
+    x = mx.random.normal((3, 5, 40), key=k1) * 8
+    x = mx.where(mx.arange(40) < 30, x, mx.finfo(mx.float32).min)  # a masked tail
+    q, k, v = (mx.random.normal((2, 4, 6, 16), key=key) for key in (k2, k3, k4))
+    mask = mx.where(mx.tril(mx.ones((6, 6))) > 0, mx.random.normal((6, 6)), mx.finfo(mx.float32).min)
+    pairs = [
+        (fastmath.softmax, lambda a: mx.softmax(a, axis=-1, precise=True), x),
+        (fastmath.logsumexp, lambda a: mx.logsumexp(a, axis=-1), x),
+        (fastmath.silu, nn.silu, x[..., :30]),
+        (lambda a: fastmath.attention(a, k, v, 0.25, mask),
+         lambda a: mx.fast.scaled_dot_product_attention(a, k, v, scale=0.25, mask=mask), q),
+    ]
+    for ours, theirs, a in pairs:
+        np.testing.assert_allclose(np.array(ours(a)), np.array(theirs(a)), rtol=1e-5, atol=1e-6)
+        w = mx.random.normal(ours(a).shape, key=k1)
+        g_ours, g_theirs = (mx.grad(lambda b, f=f: (f(b) * w).sum())(a) for f in (ours, theirs))
+        np.testing.assert_allclose(np.array(g_ours), np.array(g_theirs), rtol=1e-4, atol=1e-5)

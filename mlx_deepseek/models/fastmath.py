@@ -11,6 +11,7 @@ import math
 from typing import Optional
 
 import mlx.core as mx
+import mlx.nn as nn
 
 LOG2E = math.log2(math.e)
 
@@ -49,7 +50,7 @@ def logsumexp(x: mx.array, axis: int = -1, keepdims: bool = False) -> mx.array:
 def silu(x: mx.array) -> mx.array:
     """x * sigmoid(x)."""
     if not on_cpu():
-        return x * mx.sigmoid(x)
+        return nn.silu(x)
     return x / (1 + _exp2_exp(-x))
 
 
