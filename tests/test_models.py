@@ -142,7 +142,7 @@ def test_rope_in_batch_chunks_equals_one_call():
 
 
 def test_fastmath_equals_mlx_ops_in_value_and_gradient():
-    """On the CPU softmax, logsumexp, SiLU and attention take exp as 2^(x log2 e); they must give MLX's own results
+    """On the CPU exp, softmax, logsumexp, SiLU and attention take exp as 2^(x log2 e); they must give MLX's own results
     (values and gradients) to float32 rounding, with masked scores (the dtype's lowest value) at zero weight."""
     import mlx.nn as nn
 
@@ -158,6 +158,7 @@ def test_fastmath_equals_mlx_ops_in_value_and_gradient():
         (fastmath.softmax, lambda a: mx.softmax(a, axis=-1, precise=True), x),
         (fastmath.logsumexp, lambda a: mx.logsumexp(a, axis=-1), x),
         (fastmath.silu, nn.silu, x[..., :30]),
+        (fastmath.exp, mx.exp, x[..., :30] / 4),
         (lambda a: fastmath.attention(a, k, v, 0.25, mask),
          lambda a: mx.fast.scaled_dot_product_attention(a, k, v, scale=0.25, mask=mask), q),
     ]

@@ -66,7 +66,7 @@ def completion_logps(logits: mx.array, ids: mx.array, temperature: float = 1.0) 
     logits = logits.astype(mx.float32) / temperature
     logz = fastmath.logsumexp(logits, axis=-1)
     logps = mx.take_along_axis(logits, ids[..., None], axis=-1)[..., 0] - logz
-    p = fastmath.softmax(logits, axis=-1)
+    p = fastmath.exp(logits - logz[..., None])  # the softmax, from logz (one exp over the vocabulary, not two)
     entropy = logz - (p * logits).sum(axis=-1)
     return logps, entropy
 

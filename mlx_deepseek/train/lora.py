@@ -210,27 +210,26 @@ def has_adapters(model: nn.Module) -> bool:
 
 
 @contextmanager
-def adapters_disabled(model: nn.Module):
-    """Within the block the model is its base: every adapter is swapped for the module it wraps."""
-    adapted = adapter_modules(model)
-    model.update_modules(tree_unflatten([(k, m.linear) for k, m in adapted]))
+def _swapped(model: nn.Module, adapted: list, replacement):
+    """Within the block each (path, adapter) of `adapted` is replaced by replacement(adapter); then restored."""
+    model.update_modules(tree_unflatten([(k, replacement(m)) for k, m in adapted]))
     try:
         yield model
     finally:
         model.update_modules(tree_unflatten(adapted))
 
 
-@contextmanager
+def adapters_disabled(model: nn.Module):
+    """Within the block the model is its base: every adapter is swapped for the module it wraps."""
+    return _swapped(model, adapter_modules(model), lambda m: m.linear)
+
+
 def adapters_merged(model: nn.Module):
     """Within the block every adapter over a float weight is folded into a copy of it (W + scale B A: one matmul per
     projection instead of three, for sampling); adapters over quantized weights stay as they are (folding them would
     re-quantize). Outside the block the adapters are back, untouched."""
-    adapted = [(k, m) for k, m in adapter_modules(model) if "scales" not in m.linear]
-    model.update_modules(tree_unflatten([(k, m.fuse(dequantize=True)) for k, m in adapted]))
-    try:
-        yield model
-    finally:
-        model.update_modules(tree_unflatten(adapted))
+    floats = [(k, m) for k, m in adapter_modules(model) if "scales" not in m.linear]
+    return _swapped(model, floats, lambda m: m.fuse(dequantize=True))
 
 
 def adapter_weights(model: nn.Module) -> dict[str, mx.array]:
